@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: runs the whole suite against a real PostgreSQL and a real Kafka-protocol
+# broker. Uses DATABASE_URL / KAFKA_BROKERS when set; otherwise the local PostgreSQL on
+# 127.0.0.1:5432 (or a throwaway cluster) and a tansu broker it starts on 127.0.0.1:9092.
+# Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ensure_postgres
+ensure_kafka
+echo "test.sh: DATABASE_URL=${DATABASE_URL%%\?*} KAFKA_BROKERS=$KAFKA_BROKERS"
+# Two test threads: each test runs an agent and its own transactions on a 2-core machine.
+cargo test --locked "$@" -- --test-threads="${TEST_THREADS:-2}"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Starts a throwaway PostgreSQL cluster and prints its URL on stdout; the cluster is stopped and
+# deleted as soon as process WATCH_PID (default: the caller) exits.
+# Usage: scripts/throwaway-postgres.sh [PORT]
+set -euo pipefail
+port=${1:-55432}
+watch_pid=${WATCH_PID:-$PPID}
+bindir=$(dirname "$(command -v initdb 2>/dev/null || ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n1)")
+[ -x "$bindir/initdb" ] || { echo "throwaway-postgres: no initdb found; install postgresql" >&2; exit 1; }
+dir=$(mktemp -d /tmp/pa-pg.XXXXXX)
+as_owner=()
+if [ "$(id -u)" = 0 ]; then
+  # initdb refuses to run as root.
+  id postgres >/dev/null 2>&1 || useradd --system --no-create-home postgres
+  chown postgres "$dir"
+  as_owner=(runuser -u postgres --)
+fi
+"${as_owner[@]}" "$bindir/initdb" -D "$dir/data" -U postgres --auth=trust >"$dir/initdb.log" 2>&1 \
+  || { cat "$dir/initdb.log" >&2; exit 1; }
+"${as_owner[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+  -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off" start >/dev/null \
+  || { cat "$dir/server.log" >&2; exit 1; }
+# Watchdog: stop and delete the cluster when the watched process is gone.
+nohup bash -c "while kill -0 $watch_pid 2>/dev/null; do sleep 1; done;
+  ${as_owner[*]} '$bindir/pg_ctl' -D '$dir/data' -m immediate stop >/dev/null 2>&1; rm -rf '$dir'" \
+  >/dev/null 2>&1 &
+echo "postgres://postgres@127.0.0.1:$port/postgres"

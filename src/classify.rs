@@ -1,0 +1,242 @@
+//! The one place that turns any failure into a disposition. The README's classification table
+//! is this file.
+
+use tokio_postgres::error::SqlState;
+
+use crate::decode::DecodeError;
+use crate::model::ValidationError;
+
+/// What the pipeline does with a failed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Retry the whole transaction now, with backoff (`TXN_BACKOFF`).
+    RetryInProcess,
+    /// May heal with time (catalogue catching up, locks): a delayed retry tier.
+    RetryTier,
+    /// Will fail the same way every time: dead-letter now.
+    DeadLetter,
+    /// The database as a whole is unavailable: hold the message and wait, never skip it.
+    Outage,
+    /// A deployment error (schema missing, permissions): stop without committing.
+    Fatal,
+}
+
+/// Bounded error classes, used as metric label values and in result events.
+pub mod class {
+    pub const DECODE: &str = "decode";
+    pub const SCHEMA: &str = "schema";
+    pub const VALIDATION: &str = "validation";
+    pub const OVERSIZE: &str = "oversize";
+    pub const SERIALIZATION: &str = "serialization_failure";
+    pub const DEADLOCK: &str = "deadlock";
+    pub const TIMEOUT: &str = "timeout";
+    pub const CONNECTION: &str = "connection_error";
+    pub const POOL: &str = "pool_timeout";
+    pub const OUTAGE: &str = "database_outage";
+    pub const FOREIGN_KEY: &str = "foreign_key_violation";
+    pub const LOCK: &str = "lock_timeout";
+    pub const CONSTRAINT: &str = "constraint_violation";
+    pub const DATA: &str = "data_error";
+    pub const REGISTRY: &str = "schema_registry_unavailable";
+    pub const DEPLOYMENT: &str = "deployment_error";
+    pub const DATABASE: &str = "database_error";
+}
+
+/// A classified failure: everything the pipeline, result event and metrics need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub class: &'static str,
+    /// SQLSTATE or the agent's own code.
+    pub code: String,
+    pub message: String,
+    pub disposition: Disposition,
+}
+
+impl Failure {
+    fn new(
+        class: &'static str,
+        code: impl Into<String>,
+        message: impl Into<String>,
+        disposition: Disposition,
+    ) -> Self {
+        Self {
+            class,
+            code: code.into(),
+            message: message.into(),
+            disposition,
+        }
+    }
+
+    /// An invariant of ours broke; retrying may get past a transient cause.
+    pub fn unexpected(message: &str) -> Self {
+        Self::new(
+            class::DATABASE,
+            "unexpected",
+            message,
+            Disposition::RetryInProcess,
+        )
+    }
+
+    pub fn oversize(len: usize, max: usize) -> Self {
+        let msg = format!("value of {len} bytes exceeds MAX_MESSAGE_BYTES {max}");
+        Self::new(class::OVERSIZE, "oversize", msg, Disposition::DeadLetter)
+    }
+}
+
+impl From<&DecodeError> for Failure {
+    fn from(e: &DecodeError) -> Self {
+        let (cls, disposition) = match e {
+            DecodeError::RegistryUnavailable(_) => (class::REGISTRY, Disposition::RetryInProcess),
+            DecodeError::UnknownSchemaId(_)
+            | DecodeError::UnknownFingerprint(_)
+            | DecodeError::Resolution(_)
+            | DecodeError::Contract(_) => (class::SCHEMA, Disposition::DeadLetter),
+            _ => (class::DECODE, Disposition::DeadLetter),
+        };
+        Self::new(cls, e.code(), e.to_string(), disposition)
+    }
+}
+
+impl From<&ValidationError> for Failure {
+    fn from(e: &ValidationError) -> Self {
+        Self::new(
+            class::VALIDATION,
+            e.code(),
+            e.to_string(),
+            Disposition::DeadLetter,
+        )
+    }
+}
+
+impl From<&deadpool_postgres::PoolError> for Failure {
+    fn from(e: &deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::PoolError;
+        match e {
+            PoolError::Backend(pg) => {
+                let mut f = Failure::from(pg);
+                // No connection could be made at all: the database is down, not one transaction.
+                if pg.code().is_none() {
+                    f.class = class::OUTAGE;
+                    f.disposition = Disposition::Outage;
+                }
+                f
+            }
+            PoolError::Timeout(_) => Self::new(
+                class::POOL,
+                "pool_timeout",
+                e.to_string(),
+                Disposition::RetryInProcess,
+            ),
+            _ => Self::new(
+                class::OUTAGE,
+                "pool_unavailable",
+                e.to_string(),
+                Disposition::Outage,
+            ),
+        }
+    }
+}
+
+impl From<&tokio_postgres::Error> for Failure {
+    fn from(e: &tokio_postgres::Error) -> Self {
+        let Some(state) = e.code() else {
+            // No SQLSTATE: the connection broke (I/O error, closed by the server).
+            return Self::new(
+                class::CONNECTION,
+                "connection_lost",
+                e.to_string(),
+                Disposition::RetryInProcess,
+            );
+        };
+        let message = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |d| d.message().to_string());
+        let (cls, disposition) = classify_sqlstate(state);
+        Self::new(cls, state.code(), message, disposition)
+    }
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::from(&e)
+    }
+}
+
+/// SQLSTATE → (class, disposition).
+pub fn classify_sqlstate(state: &SqlState) -> (&'static str, Disposition) {
+    use Disposition::*;
+    let s = state.code();
+    match state {
+        _ if *state == SqlState::T_R_SERIALIZATION_FAILURE => {
+            (class::SERIALIZATION, RetryInProcess)
+        }
+        _ if *state == SqlState::T_R_DEADLOCK_DETECTED => (class::DEADLOCK, RetryInProcess),
+        _ if *state == SqlState::QUERY_CANCELED => (class::TIMEOUT, RetryInProcess),
+        _ if *state == SqlState::ADMIN_SHUTDOWN
+            || *state == SqlState::CRASH_SHUTDOWN
+            || *state == SqlState::CANNOT_CONNECT_NOW
+            || *state == SqlState::TOO_MANY_CONNECTIONS
+            || *state == SqlState::READ_ONLY_SQL_TRANSACTION =>
+        {
+            (class::OUTAGE, Outage)
+        }
+        _ if *state == SqlState::FOREIGN_KEY_VIOLATION => (class::FOREIGN_KEY, RetryTier),
+        _ if *state == SqlState::LOCK_NOT_AVAILABLE => (class::LOCK, RetryTier),
+        _ if *state == SqlState::UNIQUE_VIOLATION
+            || *state == SqlState::NOT_NULL_VIOLATION
+            || *state == SqlState::CHECK_VIOLATION
+            || *state == SqlState::EXCLUSION_VIOLATION =>
+        {
+            (class::CONSTRAINT, DeadLetter)
+        }
+        // Class 22: data exceptions (bad encoding, out-of-range values).
+        _ if s.starts_with("22") => (class::DATA, DeadLetter),
+        // Class 08: connection exceptions.
+        _ if s.starts_with("08") => (class::CONNECTION, RetryInProcess),
+        // Classes 42 (undefined table, permission) and 3F (schema): the deployment is wrong,
+        // and every message would fail alike; stop instead of dead-lettering the topic.
+        _ if s.starts_with("42") || s.starts_with("3F") => (class::DEPLOYMENT, Fatal),
+        // Anything else (53 resources, XX internal, ...) may heal with time.
+        _ => (class::DATABASE, RetryTier),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Disposition::*;
+
+    #[test]
+    fn maps_sqlstates_to_dispositions() {
+        let cases = [
+            (SqlState::T_R_SERIALIZATION_FAILURE, RetryInProcess),
+            (SqlState::T_R_DEADLOCK_DETECTED, RetryInProcess),
+            (SqlState::QUERY_CANCELED, RetryInProcess),
+            (SqlState::FOREIGN_KEY_VIOLATION, RetryTier),
+            (SqlState::LOCK_NOT_AVAILABLE, RetryTier),
+            (SqlState::UNIQUE_VIOLATION, DeadLetter),
+            (SqlState::NOT_NULL_VIOLATION, DeadLetter),
+            (SqlState::CHECK_VIOLATION, DeadLetter),
+            (SqlState::NUMERIC_VALUE_OUT_OF_RANGE, DeadLetter),
+            (SqlState::ADMIN_SHUTDOWN, Outage),
+            (SqlState::CANNOT_CONNECT_NOW, Outage),
+            (SqlState::TOO_MANY_CONNECTIONS, Outage),
+            (SqlState::READ_ONLY_SQL_TRANSACTION, Outage),
+            (SqlState::UNDEFINED_TABLE, Fatal),
+            (SqlState::INTERNAL_ERROR, RetryTier),
+        ];
+        for (state, want) in cases {
+            assert_eq!(classify_sqlstate(&state).1, want, "{}", state.code());
+        }
+    }
+
+    #[test]
+    fn decode_errors_dead_letter_but_registry_outage_retries() {
+        let f = Failure::from(&DecodeError::UnknownSchemaId(7));
+        assert_eq!((f.class, f.disposition), (class::SCHEMA, DeadLetter));
+        let f = Failure::from(&DecodeError::RegistryUnavailable("down".into()));
+        assert_eq!(f.disposition, RetryInProcess);
+        let f = Failure::from(&ValidationError::NoBooks);
+        assert_eq!((f.class, f.code.as_str()), (class::VALIDATION, "no_books"));
+    }
+}

@@ -1,0 +1,304 @@
+//! Runtime configuration. Every setting is an environment variable with an equivalent `--flag`;
+//! the README's configuration table mirrors the doc comments here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+pub const DEFAULT_GROUP_ID: &str = "persistence-agent";
+pub const DEFAULT_INPUT_TOPICS: &str = "persistence.requests";
+pub const DEFAULT_RESULTS_TOPIC: &str = "persistence.results";
+pub const DEFAULT_POOL_SIZE: usize = 16;
+pub const DEFAULT_STATEMENT_TIMEOUT: &str = "5s";
+pub const DEFAULT_TXN_BACKOFF: &str = "100ms,500ms,2000ms";
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
+pub const DEFAULT_WORKERS: usize = 16;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "30s";
+pub const DEFAULT_REBALANCE_DRAIN_TIMEOUT: &str = "10s";
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Prefix of environment variables passed verbatim to librdkafka:
+/// `KAFKA_CONFIG_security.protocol=SASL_SSL` sets `security.protocol`.
+pub const KAFKA_PASSTHROUGH_PREFIX: &str = "KAFKA_CONFIG_";
+
+/// Kafka connection settings shared by every subcommand that talks to the brokers.
+#[derive(Args, Clone)]
+pub struct KafkaArgs {
+    /// Bootstrap brokers, `host:port` comma list (required).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: String,
+
+    /// Extra librdkafka settings as `key=value`; repeatable. Environment variables named
+    /// `KAFKA_CONFIG_<librdkafka key>` are added too (for TLS/SASL clusters).
+    #[arg(long = "kafka-config", value_name = "KEY=VALUE")]
+    pub kafka_config: Vec<String>,
+}
+
+impl KafkaArgs {
+    /// librdkafka settings from `--kafka-config` and `KAFKA_CONFIG_*`, the flag winning.
+    pub fn passthrough(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let mut out: BTreeMap<String, String> = std::env::vars()
+            .filter_map(|(k, v)| {
+                k.strip_prefix(KAFKA_PASSTHROUGH_PREFIX)
+                    .map(|key| (key.to_string(), v))
+            })
+            .collect();
+        for kv in &self.kafka_config {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--kafka-config expects key=value, got {kv:?}"))?;
+            out.insert(k.trim().to_string(), v.to_string());
+        }
+        Ok(out)
+    }
+
+    /// Client settings: `defaults`, then the pass-through, which may override them. Settings
+    /// that only the other kind of client understands are left out, so one pass-through serves
+    /// both without librdkafka warnings.
+    pub fn client_config(
+        &self,
+        role: ClientRole,
+        defaults: &[(&str, &str)],
+    ) -> anyhow::Result<rdkafka::ClientConfig> {
+        let mut cfg = rdkafka::ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.kafka_brokers);
+        for (k, v) in defaults {
+            cfg.set(*k, *v);
+        }
+        for (k, v) in self.passthrough()? {
+            if role.accepts(&k) {
+                cfg.set(k, v);
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ClientRole {
+    Consumer,
+    Producer,
+    Admin,
+}
+
+/// librdkafka settings only a consumer understands (prefixes).
+const CONSUMER_ONLY: &[&str] = &[
+    "group.",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "auto.commit.",
+    "enable.auto.",
+    "auto.offset.reset",
+    "partition.assignment.strategy",
+    "fetch.",
+    "isolation.level",
+    "enable.partition.eof",
+    "check.crcs",
+    "queued.",
+    "consume.callback.max.messages",
+    "coordinator.query.interval.ms",
+];
+/// librdkafka settings only a producer understands (prefixes).
+const PRODUCER_ONLY: &[&str] = &[
+    "acks",
+    "request.required.acks",
+    "linger.ms",
+    "queue.buffering.",
+    "batch.",
+    "compression.",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "enable.idempotence",
+    "transactional.id",
+    "transaction.timeout.ms",
+    "retries",
+    "message.send.max.retries",
+    "partitioner",
+    "sticky.partitioning.linger.ms",
+    "request.timeout.ms",
+    "enable.gapless.guarantee",
+    "queue.buffering.max.ms",
+];
+
+impl ClientRole {
+    fn accepts(self, key: &str) -> bool {
+        let any = |list: &[&str]| list.iter().any(|p| key.starts_with(p));
+        match self {
+            Self::Consumer => !any(PRODUCER_ONLY),
+            Self::Producer => !any(CONSUMER_ONLY),
+            Self::Admin => !any(PRODUCER_ONLY) && !any(CONSUMER_ONLY),
+        }
+    }
+}
+
+/// PostgreSQL settings shared by `run` and `migrate`.
+#[derive(Args, Clone)]
+pub struct DatabaseArgs {
+    /// PostgreSQL connection URL (required). Never logged: it may hold a password.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+
+    /// Schema to create tables in and write to (sets `search_path`); empty uses the server's.
+    #[arg(long, env = "DATABASE_SCHEMA", default_value = "")]
+    pub database_schema: String,
+
+    /// Maximum connections in the pool (seed 000 asks for 10-20).
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = DEFAULT_POOL_SIZE)]
+    pub database_pool_size: usize,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ResultsFormat {
+    Json,
+    Avro,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Settings of `persistence-agent run`.
+#[derive(Args, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+
+    /// Consumer group; every replica with the same id shares the partitions.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = DEFAULT_GROUP_ID)]
+    pub kafka_group_id: String,
+
+    /// Topics carrying persistence requests, comma list.
+    #[arg(long, env = "KAFKA_INPUT_TOPICS", default_value = DEFAULT_INPUT_TOPICS, value_delimiter = ',')]
+    pub kafka_input_topics: Vec<String>,
+
+    /// Topic for confirmations; empty disables publishing them.
+    #[arg(long, env = "KAFKA_RESULTS_TOPIC", default_value = DEFAULT_RESULTS_TOPIC)]
+    pub kafka_results_topic: String,
+
+    /// Encoding of confirmations: `json`, or `avro` (single-object encoding of
+    /// schemas/persistence_result.avsc).
+    #[arg(long, env = "RESULTS_FORMAT", value_enum, default_value = "json")]
+    pub results_format: ResultsFormat,
+
+    /// Confluent-compatible Schema Registry for Avro schema ids; unset uses schemas/ids.json.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
+
+    /// Per-statement timeout inside each transaction; a timeout is retried once with double.
+    #[arg(long, env = "STATEMENT_TIMEOUT", default_value = DEFAULT_STATEMENT_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub statement_timeout: Duration,
+
+    /// Delays between in-process transaction retries, comma list; jitter of ±50 % is applied.
+    #[arg(long, env = "TXN_BACKOFF", default_value = DEFAULT_TXN_BACKOFF, value_parser = parse_duration_list)]
+    pub txn_backoff: DurationList,
+
+    /// Address of the metrics and health endpoints.
+    #[arg(long, env = "HTTP_ADDR", default_value = DEFAULT_HTTP_ADDR)]
+    pub http_addr: SocketAddr,
+
+    /// Transactions run at once; requests with the same key always run one after another.
+    #[arg(long, env = "WORKERS", default_value_t = DEFAULT_WORKERS)]
+    pub workers: usize,
+
+    /// Messages fetched but not finished before consumption pauses (backpressure).
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
+    pub max_in_flight: usize,
+
+    /// Larger message values are rejected as oversize without being decoded.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
+    /// How long SIGTERM/SIGINT waits for in-flight messages before committing and exiting.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// How long a partition revoke waits for that partition's in-flight messages.
+    #[arg(long, env = "REBALANCE_DRAIN_TIMEOUT", default_value = DEFAULT_REBALANCE_DRAIN_TIMEOUT, value_parser = humantime::parse_duration)]
+    pub rebalance_drain_timeout: Duration,
+
+    /// Apply pending migrations at start-up (safe with several replicas: advisory lock).
+    #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
+}
+
+impl RunArgs {
+    pub fn results_topic(&self) -> Option<&str> {
+        Some(self.kafka_results_topic.trim()).filter(|t| !t.is_empty())
+    }
+}
+
+/// Settings that are not secret, for the start-up log line.
+impl fmt::Debug for RunArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let passthrough_keys: Vec<String> = self
+            .kafka
+            .passthrough()
+            .map(|m| m.into_keys().collect())
+            .unwrap_or_default();
+        f.debug_struct("RunArgs")
+            .field("kafka_brokers", &self.kafka.kafka_brokers)
+            .field("kafka_config_keys", &passthrough_keys)
+            .field("group_id", &self.kafka_group_id)
+            .field("input_topics", &self.kafka_input_topics)
+            .field("results_topic", &self.kafka_results_topic)
+            .field("results_format", &self.results_format)
+            .field("schema_registry", &self.schema_registry_url.is_some())
+            .field("database_schema", &self.db.database_schema)
+            .field("pool_size", &self.db.database_pool_size)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("txn_backoff", &self.txn_backoff.0)
+            .field("workers", &self.workers)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DurationList(pub Vec<Duration>);
+
+pub fn parse_duration_list(s: &str) -> Result<DurationList, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| humantime::parse_duration(p).map_err(|e| format!("{p:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map(DurationList)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passthrough_reaches_only_clients_that_understand_it() {
+        assert!(ClientRole::Consumer.accepts("security.protocol"));
+        assert!(ClientRole::Producer.accepts("sasl.password"));
+        assert!(!ClientRole::Producer.accepts("session.timeout.ms"));
+        assert!(!ClientRole::Consumer.accepts("compression.type"));
+        assert!(ClientRole::Consumer.accepts("auto.commit.interval.ms"));
+    }
+
+    #[test]
+    fn parses_backoff_list() {
+        let l = parse_duration_list("100ms, 500ms,2s").unwrap();
+        assert_eq!(
+            l.0,
+            vec![
+                Duration::from_millis(100),
+                Duration::from_millis(500),
+                Duration::from_secs(2)
+            ]
+        );
+        assert!(parse_duration_list("100 parsecs").is_err());
+    }
+}

@@ -1,0 +1,332 @@
+//! Consume stage: one poll thread owns the Kafka consumer and the offset tracker, hands messages
+//! to workers (same key → same worker, so one user's requests stay ordered), stores each
+//! partition's low watermark as workers finish, and commits synchronously on revoke and shutdown.
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::offsets::{OffsetTracker, TopicPartition};
+
+/// A worker's report on one message.
+pub struct Completion {
+    pub tp: TopicPartition,
+    pub epoch: u64,
+    pub offset: i64,
+    pub done: bool,
+}
+
+pub struct Job {
+    pub msg: OwnedMessage,
+    pub epoch: u64,
+}
+
+/// State shared by the poll loop and the rebalance callbacks (both run on the poll thread).
+pub struct Shared {
+    tracker: Mutex<OffsetTracker>,
+    completions: Mutex<Receiver<Completion>>,
+    drain_timeout: Duration,
+    metrics: Arc<Metrics>,
+    assignment_changed: AtomicBool,
+    /// Set once the group assigned partitions (or an empty assignment): readiness.
+    pub joined: AtomicBool,
+    pub lag: Mutex<Vec<(TopicPartition, i64)>>,
+}
+
+pub struct AgentContext {
+    pub shared: Arc<Shared>,
+}
+
+impl ClientContext for AgentContext {
+    fn stats(&self, stats: Statistics) {
+        let lag = stats
+            .topics
+            .values()
+            .flat_map(|t| {
+                t.partitions
+                    .values()
+                    .map(move |p| ((t.topic.clone(), p.partition), p.consumer_lag))
+            })
+            .filter(|((_, p), lag)| *p >= 0 && *lag >= 0)
+            .collect();
+        *self.shared.lag.lock().expect("lag lock") = lag;
+    }
+}
+
+impl ConsumerContext for AgentContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let tps = topic_partitions(tpl);
+            let drained = self.shared.drain(consumer, &tps, self.shared.drain_timeout);
+            tracing::info!(partitions = tps.len(), drained, "partitions revoked");
+            self.shared.commit(consumer, "revoke");
+            let mut tracker = self.shared.tracker.lock().expect("tracker lock");
+            tps.iter().for_each(|tp| tracker.revoke(tp));
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let tps = topic_partitions(tpl);
+                tracing::info!(partitions = ?tps, "partitions assigned");
+                let mut tracker = self.shared.tracker.lock().expect("tracker lock");
+                tps.into_iter().for_each(|tp| tracker.assign(tp));
+                self.shared
+                    .assignment_changed
+                    .store(true, Ordering::Release);
+                self.shared.joined.store(true, Ordering::Release);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl Shared {
+    pub fn new(
+        completions: Receiver<Completion>,
+        drain_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            tracker: Mutex::default(),
+            completions: Mutex::new(completions),
+            drain_timeout,
+            metrics,
+            assignment_changed: AtomicBool::new(false),
+            joined: AtomicBool::new(false),
+            lag: Mutex::default(),
+        }
+    }
+
+    fn apply(&self, consumer: &BaseConsumer<AgentContext>, c: Completion) {
+        let mut tracker = self.tracker.lock().expect("tracker lock");
+        if !c.done {
+            tracker.abandoned(&c.tp, c.epoch, c.offset);
+            return;
+        }
+        let Some(next) = tracker.completed(&c.tp, c.epoch, c.offset) else {
+            return;
+        };
+        drop(tracker);
+        let mut tpl = TopicPartitionList::new();
+        let stored = tpl
+            .add_partition_offset(&c.tp.0, c.tp.1, Offset::Offset(next))
+            .and_then(|_| consumer.store_offsets(&tpl));
+        if let Err(e) = stored {
+            tracing::warn!(topic = %c.tp.0, partition = c.tp.1, offset = next, error = %e, "offset not stored");
+        }
+    }
+
+    /// Applies every completion already reported, without waiting.
+    fn apply_ready(&self, consumer: &BaseConsumer<AgentContext>) {
+        loop {
+            let next = self
+                .completions
+                .lock()
+                .expect("completions lock")
+                .try_recv();
+            match next {
+                Ok(c) => self.apply(consumer, c),
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Waits until `tps` (all partitions when empty) have nothing in flight, or `timeout`.
+    /// Returns whether everything finished.
+    fn drain(
+        &self,
+        consumer: &BaseConsumer<AgentContext>,
+        tps: &[TopicPartition],
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pending = {
+                let t = self.tracker.lock().expect("tracker lock");
+                if tps.is_empty() {
+                    t.in_flight()
+                } else {
+                    t.in_flight_of(tps)
+                }
+            };
+            if pending == 0 {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    pending,
+                    "drain deadline passed; unfinished messages will be redelivered"
+                );
+                return false;
+            }
+            let next = self
+                .completions
+                .lock()
+                .expect("completions lock")
+                .recv_timeout(left.min(Duration::from_millis(50)));
+            match next {
+                Ok(c) => self.apply(consumer, c),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn commit(&self, consumer: &BaseConsumer<AgentContext>, reason: &'static str) {
+        let result = match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => "ok",
+            // Nothing stored since the last commit.
+            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
+                "nothing"
+            }
+            Err(e) => {
+                tracing::warn!(reason, error = %e, "offset commit failed");
+                "error"
+            }
+        };
+        self.metrics
+            .commits
+            .with_label_values(&[reason, result])
+            .inc();
+    }
+}
+
+pub struct PollLoop {
+    pub consumer: Arc<BaseConsumer<AgentContext>>,
+    pub shared: Arc<Shared>,
+    pub workers: Vec<UnboundedSender<Job>>,
+    pub shutdown: CancellationToken,
+    pub max_in_flight: usize,
+    pub shutdown_timeout: Duration,
+}
+
+impl PollLoop {
+    /// Runs on a dedicated thread until shutdown; then drains, commits and closes the consumer.
+    pub fn run(self) {
+        let mut paused = false;
+        while !self.shutdown.is_cancelled() {
+            self.shared.apply_ready(&self.consumer);
+            paused = self.backpressure(paused);
+            match self.consumer.poll(Duration::from_millis(50)) {
+                None => {}
+                Some(Ok(m)) => self.dispatch(m.detach()),
+                Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+            }
+        }
+        tracing::info!("shutting down: draining in-flight messages");
+        let drained = self
+            .shared
+            .drain(&self.consumer, &[], self.shutdown_timeout);
+        self.shared.commit(&self.consumer, "shutdown");
+        tracing::info!(drained, "offsets committed; closing consumer");
+        self.shared.metrics.in_flight.set(0);
+    }
+
+    /// Pauses all assigned partitions above `max_in_flight`, resumes below half of it; polling
+    /// goes on meanwhile, so the group session and rebalances are served.
+    fn backpressure(&self, mut paused: bool) -> bool {
+        let in_flight = self
+            .shared
+            .tracker
+            .lock()
+            .expect("tracker lock")
+            .in_flight();
+        self.shared.metrics.in_flight.set(in_flight as i64);
+        if self.shared.assignment_changed.swap(false, Ordering::AcqRel) {
+            paused = false;
+            self.shared.metrics.paused_partitions.set(0);
+        }
+        let want_paused = if paused {
+            in_flight > self.max_in_flight / 2
+        } else {
+            in_flight >= self.max_in_flight
+        };
+        if want_paused == paused {
+            return paused;
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return paused;
+        };
+        let result = if want_paused {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "pause/resume failed");
+            return paused;
+        }
+        let count = if want_paused {
+            assignment.count() as i64
+        } else {
+            0
+        };
+        self.shared.metrics.paused_partitions.set(count);
+        want_paused
+    }
+
+    fn dispatch(&self, msg: OwnedMessage) {
+        let tp = (msg.topic().to_string(), msg.partition());
+        let epoch = self
+            .shared
+            .tracker
+            .lock()
+            .expect("tracker lock")
+            .dispatched(&tp, msg.offset());
+        let mut h = std::hash::DefaultHasher::new();
+        match msg.key() {
+            Some(k) => k.hash(&mut h),
+            // Keyless messages keep their partition's order.
+            None => tp.hash(&mut h),
+        }
+        let worker = &self.workers[(h.finish() % self.workers.len() as u64) as usize];
+        if worker.send(Job { msg, epoch }).is_err() {
+            tracing::error!("worker stopped; message left uncommitted");
+        }
+    }
+}
+
+/// Worker task: handles its jobs one by one and reports each to the poll thread.
+pub async fn worker(
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>,
+    pipeline: Arc<crate::pipeline::Pipeline>,
+    done: Sender<Completion>,
+) {
+    while let Some(Job { msg, epoch }) = jobs.recv().await {
+        // Once shutdown begins, queued messages are left for the next owner rather than started.
+        let handled = match pipeline.shutdown.is_cancelled() {
+            true => crate::pipeline::Handled::Abandoned,
+            false => pipeline.handle(&msg).await,
+        };
+        let c = Completion {
+            tp: (msg.topic().to_string(), msg.partition()),
+            epoch,
+            offset: msg.offset(),
+            done: handled == crate::pipeline::Handled::Done,
+        };
+        if done.send(c).is_err() {
+            return;
+        }
+    }
+}

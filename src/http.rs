@@ -1,0 +1,85 @@
+//! Metrics and health endpoints: `/metrics`, `/healthz` (process alive), `/readyz` (joined the
+//! consumer group, database answers, not draining).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::agent::Agent;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub pipeline: Arc<crate::pipeline::Pipeline>,
+    pub shared: Arc<crate::consume::Shared>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl HttpState {
+    pub fn of(agent: &Agent) -> Self {
+        Self {
+            metrics: agent.metrics.clone(),
+            pipeline: agent.pipeline.clone(),
+            shared: agent.shared.clone(),
+            shutdown: agent.shutdown.clone(),
+        }
+    }
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Serves until `stop` is cancelled.
+pub async fn serve(
+    addr: SocketAddr,
+    state: HttpState,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on HTTP_ADDR {addr}: {e}"))?;
+    tracing::info!(%addr, "http endpoints listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    s.metrics.observe_pool(s.pipeline.persister.pool().status());
+    s.metrics
+        .observe_lag(&s.shared.lag.lock().expect("lag lock"));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    let reason = if s.shutdown.is_cancelled() {
+        Some("draining for shutdown")
+    } else if !s.shared.joined.load(std::sync::atomic::Ordering::Acquire) {
+        Some("not yet joined the consumer group")
+    } else if s.metrics.database_outage.get() != 0 || !s.pipeline.database_answers().await {
+        Some("database unavailable")
+    } else {
+        None
+    };
+    match reason {
+        None => (StatusCode::OK, "ready".to_string()),
+        Some(r) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}")),
+    }
+}

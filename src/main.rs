@@ -1,0 +1,169 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use persistence_agent::agent::Agent;
+use persistence_agent::config::{ClientRole, DatabaseArgs, KafkaArgs, LogFormat, RunArgs};
+use persistence_agent::{db, http, metrics::Metrics, produce};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use tracing_subscriber::EnvFilter;
+
+/// Consumes persistence requests from Kafka and writes each to PostgreSQL in one serializable
+/// transaction, effectively once.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format: `json` (one object per line) or `pretty`. Levels come from `RUST_LOG`.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "json",
+        global = true
+    )]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent until SIGTERM/SIGINT.
+    Run(Box<RunArgs>),
+    /// Apply pending database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        /// Also insert the 100-book sample catalogue used by `produce --sample`.
+        #[arg(long)]
+        sample_catalogue: bool,
+    },
+    /// Publish requests from JSON files, stdin, or a sample generator.
+    Produce(produce::ProduceArgs),
+    /// Create topics (existing ones are left alone).
+    Topics {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long, default_value_t = 6)]
+        partitions: i32,
+        #[arg(long, default_value_t = 1)]
+        replication: i32,
+        /// Topic names, e.g. `persistence.requests persistence.results`.
+        #[arg(required = true)]
+        topics: Vec<String>,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match dispatch(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "persistence-agent failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run(args) => run(*args).await,
+        Command::Migrate {
+            db,
+            sample_catalogue,
+        } => {
+            let pool = db::pool(&db)?;
+            let applied = db::migrate(&pool).await?;
+            if sample_catalogue {
+                db::insert_sample_catalogue(&pool).await?;
+            }
+            println!("migrations applied: {applied:?}");
+            Ok(())
+        }
+        Command::Produce(args) => produce::run(args).await,
+        Command::Topics {
+            kafka,
+            partitions,
+            replication,
+            topics,
+        } => create_topics(&kafka, &topics, partitions, replication).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    tracing::info!(config = ?args, version = env!("CARGO_PKG_VERSION"), "starting");
+    let metrics = Arc::new(Metrics::new());
+    let agent = Agent::start(args.clone(), metrics).await?;
+    let http_stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(http::serve(
+        args.http_addr,
+        http::HttpState::of(&agent),
+        http_stop.clone(),
+    ));
+    let shutdown = agent.shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: stopping consumption");
+        shutdown.cancel();
+    });
+    let outcome = agent.wait().await;
+    http_stop.cancel();
+    if let Ok(Err(e)) = server.await {
+        tracing::error!(error = %e, "http server failed");
+    }
+    outcome
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn create_topics(
+    kafka: &KafkaArgs,
+    topics: &[String],
+    partitions: i32,
+    replication: i32,
+) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        kafka.client_config(ClientRole::Admin, &[])?.create()?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(t) => println!("created {t}"),
+            Err((t, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                println!("exists {t}")
+            }
+            Err((t, e)) => anyhow::bail!("cannot create topic {t}: {e}"),
+        }
+    }
+    Ok(())
+}

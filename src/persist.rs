@@ -1,0 +1,364 @@
+//! Persist stage: one SERIALIZABLE transaction per request (seed 000 "Transaction Flow"), retried
+//! in-process with jittered backoff for transient failures.
+//!
+//! All five steps run as one statement of chained data-modifying CTEs, pipelined with BEGIN, so a
+//! request costs two round trips (BEGIN+statement, then confirmation+COMMIT). Every write is
+//! gated on the ledger insert: for a request already recorded nothing is written and the
+//! original confirmation comes back instead.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::Retryable;
+use deadpool_postgres::Pool;
+use serde_json::Value as Json;
+
+use crate::classify::{Disposition, Failure};
+use crate::metrics::{attempt, Metrics};
+use crate::model::{round2, status, PersistenceMetadata, PersistenceRequest, PersistenceResult};
+
+/// Where a request came from; recorded in the ledger.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Persisted {
+    pub result: PersistenceResult,
+    pub duplicate: bool,
+    pub attempts: u32,
+}
+
+const PERSIST_SQL: &str = r#"
+WITH led AS (
+    INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset)
+    VALUES ($1, gen_random_uuid(), $2, $3, $4, $5)
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING recommendation_id
+), ctx AS (
+    INSERT INTO reader_context AS rc (user_id, mood, reader_profile, interests, intent, preferences, previous_moods)
+    SELECT $2, $6, $7, $8, $9, $10, ARRAY[$6::text] FROM led
+    ON CONFLICT (user_id) DO UPDATE SET
+        mood = EXCLUDED.mood,
+        reader_profile = EXCLUDED.reader_profile,
+        interests = EXCLUDED.interests,
+        intent = EXCLUDED.intent,
+        preferences = COALESCE(EXCLUDED.preferences, rc.preferences),
+        previous_moods = (rc.previous_moods || EXCLUDED.mood)[greatest(cardinality(rc.previous_moods) - 18, 1):],
+        updated_at = now()
+    RETURNING rc.id, (rc.xmax = 0) AS inserted
+), rec AS (
+    INSERT INTO recommendation (id, context_id, request_id, total_score, processing_time, agents_used, errors)
+    SELECT led.recommendation_id, ctx.id, $1, $11, $12, $13, $14 FROM led, ctx
+    RETURNING id, context_id
+), books AS (
+    INSERT INTO recommendation_book (recommendation_id, book_id, score, score_breakdown, justification, key_reasons, rank)
+    SELECT rec.id, b.book_id, b.score, b.breakdown, b.justification,
+           ARRAY(SELECT jsonb_array_elements_text(b.reasons)), b.rank::int
+    FROM rec, unnest($15::text[], $16::float8[], $17::jsonb[], $18::text[], $19::jsonb[])
+         WITH ORDINALITY AS b(book_id, score, breakdown, justification, reasons, rank)
+    RETURNING 1
+), audit AS (
+    INSERT INTO audit_log (entity_type, entity_id, action, user_id, request_id, new_data)
+    SELECT 'recommendation', rec.id::text, 'created', $2, $1,
+           jsonb_build_object('contextId', rec.context_id, 'bookCount', cardinality($15::text[]), 'totalScore', $11::float8)
+    FROM rec
+    RETURNING 1
+)
+SELECT rec.id::text, rec.context_id::text, (SELECT count(*) FROM books)::int4, txid_current()::text,
+       ctx.inserted, NULL::jsonb
+FROM rec, ctx
+UNION ALL
+SELECT p.recommendation_id::text, NULL, 0, p.transaction_id::text, false, COALESCE(p.confirmation, '{}'::jsonb)
+FROM processed_request p
+WHERE p.request_id = $1 AND NOT EXISTS (SELECT 1 FROM led)
+"#;
+
+const CONFIRM_SQL: &str = "UPDATE processed_request SET confirmation = $2 WHERE request_id = $1";
+
+pub struct Persister {
+    pool: Pool,
+    statement_timeout: Duration,
+    backoff: Vec<Duration>,
+    metrics: Arc<Metrics>,
+}
+
+impl Persister {
+    pub fn new(
+        pool: Pool,
+        statement_timeout: Duration,
+        backoff: Vec<Duration>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            pool,
+            statement_timeout,
+            backoff,
+            metrics,
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Persists `req` under `request_id`, retrying transient failures in-process. The error is
+    /// the last attempt's, classified.
+    pub async fn persist(
+        &self,
+        req: &PersistenceRequest,
+        request_id: &str,
+        source: &Source,
+    ) -> Result<Persisted, Failure> {
+        let attempts = AtomicU32::new(0);
+        let timeouts = AtomicU32::new(0);
+        let run = || async {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            // Seed 000: a statement timeout is retried once with double the timeout.
+            let timeout = self.statement_timeout * (1 << timeouts.load(Ordering::Relaxed).min(1));
+            self.attempt(req, request_id, source, timeout).await
+        };
+        let outcome = run
+            .retry(jittered(&self.backoff))
+            .sleep(tokio::time::sleep)
+            .when(|f: &Failure| match f.class {
+                crate::classify::class::TIMEOUT => timeouts.fetch_add(1, Ordering::Relaxed) == 0,
+                _ => f.disposition == Disposition::RetryInProcess,
+            })
+            .notify(|f: &Failure, after: Duration| {
+                tracing::debug!(request_id, class = f.class, code = %f.code, ?after, "transaction retry");
+            })
+            .await;
+        let attempts = attempts.into_inner();
+        outcome.map(|mut p| {
+            p.attempts = attempts;
+            p
+        })
+    }
+
+    async fn attempt(
+        &self,
+        req: &PersistenceRequest,
+        request_id: &str,
+        source: &Source,
+        timeout: Duration,
+    ) -> Result<Persisted, Failure> {
+        let started = Instant::now();
+        let result = self
+            .transaction(req, request_id, source, timeout, started)
+            .await;
+        self.metrics
+            .txn_duration
+            .observe(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(p) if p.duplicate => attempt::DUPLICATE,
+            Ok(_) => attempt::COMMITTED,
+            Err(f) => f.class,
+        };
+        self.metrics.txn_attempts.with_label_values(&[label]).inc();
+        result
+    }
+
+    async fn transaction(
+        &self,
+        req: &PersistenceRequest,
+        request_id: &str,
+        source: &Source,
+        timeout: Duration,
+        started: Instant,
+    ) -> Result<Persisted, Failure> {
+        let mut guard = Checkout(Some(self.pool.get().await.map_err(|e| Failure::from(&e))?));
+        let client = guard.0.as_ref().expect("checked out");
+        let stmt = client
+            .prepare_cached(PERSIST_SQL)
+            .await
+            .map_err(|e| Failure::from(&e))?;
+        let begin = format!(
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = {}",
+            timeout.as_millis().max(1)
+        );
+        let p = Params::new(req, request_id, source);
+        // Polled together, tokio-postgres sends both before reading either reply: one round trip.
+        let refs = p.as_refs();
+        let (began, rows) = tokio::join!(client.batch_execute(&begin), client.query(&stmt, &refs));
+        let outcome: Result<Persisted, Failure> = async {
+            began?;
+            let rows = rows?;
+            // One row always: the new recommendation, or the ledger's record of the duplicate.
+            let Some(row) = rows.first() else {
+                return Err(Failure::unexpected("persist statement returned no row"));
+            };
+            let result = match row.get::<_, Option<Json>>(5) {
+                Some(confirmation) => {
+                    client.batch_execute("COMMIT").await?;
+                    return Ok(Persisted {
+                        result: from_ledger(confirmation, request_id),
+                        duplicate: true,
+                        attempts: 0,
+                    });
+                }
+                None => confirmation(req, request_id, row, started),
+            };
+            let json = serde_json::to_value(&result).expect("results serialize");
+            let confirm_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                [&request_id, &json];
+            let (confirmed, committed) = tokio::join!(
+                client.execute(CONFIRM_SQL, &confirm_params),
+                client.batch_execute("COMMIT")
+            );
+            // COMMIT of an aborted transaction "succeeds" as a rollback: check the update first.
+            confirmed?;
+            committed?;
+            Ok(Persisted {
+                result,
+                duplicate: false,
+                attempts: 0,
+            })
+        }
+        .await;
+        if outcome.is_err() && !client.is_closed() {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        guard.release();
+        outcome
+    }
+}
+
+/// A pooled connection that goes back to the pool only when its transaction was finished: a
+/// future dropped mid-transaction (shutdown) discards the connection instead of lending out an
+/// open transaction.
+struct Checkout(Option<deadpool_postgres::Object>);
+
+impl Checkout {
+    fn release(&mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(obj) = self.0.take() {
+            drop(deadpool_postgres::Object::take(obj));
+        }
+    }
+}
+
+fn confirmation(
+    req: &PersistenceRequest,
+    request_id: &str,
+    row: &tokio_postgres::Row,
+    started: Instant,
+) -> PersistenceResult {
+    let books: i32 = row.get(2);
+    let context_created: bool = row.get(4);
+    PersistenceResult {
+        request_id: request_id.to_string(),
+        user_id: Some(req.user_id.clone()),
+        recommendation_id: Some(row.get(0)),
+        context_id: Some(row.get(1)),
+        book_count: books,
+        persistence_status: status::SUCCESS.to_string(),
+        timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        persistence_metadata: Some(PersistenceMetadata {
+            transaction_id: row.get(3),
+            persistence_time: started.elapsed().as_millis() as i64,
+            records_created: 1 + books + i32::from(context_created),
+            books_linked: books,
+        }),
+        error: None,
+    }
+}
+
+fn from_ledger(confirmation: Json, request_id: &str) -> PersistenceResult {
+    serde_json::from_value(confirmation).unwrap_or_else(|e| {
+        tracing::warn!(request_id, error = %e, "stored confirmation unreadable");
+        PersistenceResult {
+            request_id: request_id.to_string(),
+            user_id: None,
+            recommendation_id: None,
+            context_id: None,
+            book_count: 0,
+            persistence_status: status::SUCCESS.to_string(),
+            timestamp: chrono::Utc::now().to_rfc3339(),
+            persistence_metadata: None,
+            error: None,
+        }
+    })
+}
+
+/// Statement parameters, owned so references to them live as long as the query.
+struct Params<'a> {
+    request_id: &'a str,
+    user_id: &'a str,
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    req: &'a PersistenceRequest,
+    total_score: f64,
+    errors: Vec<String>,
+    book_ids: Vec<&'a str>,
+    scores: Vec<f64>,
+    breakdowns: Vec<Option<&'a Json>>,
+    justifications: Vec<&'a str>,
+    reasons: Vec<Json>,
+}
+
+impl<'a> Params<'a> {
+    fn new(req: &'a PersistenceRequest, request_id: &'a str, source: &'a Source) -> Self {
+        let books = &req.justified_books;
+        Self {
+            request_id,
+            user_id: &req.user_id,
+            topic: &source.topic,
+            partition: source.partition,
+            offset: source.offset,
+            req,
+            total_score: req.total_score(),
+            errors: req.metadata.errors.clone().unwrap_or_default(),
+            book_ids: books.iter().map(|b| b.book_id.as_str()).collect(),
+            scores: books.iter().map(|b| round2(b.score)).collect(),
+            breakdowns: books.iter().map(|b| b.score_breakdown.as_ref()).collect(),
+            justifications: books.iter().map(|b| b.justification.as_str()).collect(),
+            reasons: books
+                .iter()
+                .map(|b| Json::from(b.key_reasons.clone()))
+                .collect(),
+        }
+    }
+
+    fn as_refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 19] {
+        let c = &self.req.context;
+        [
+            &self.request_id,
+            &self.user_id,
+            &self.topic,
+            &self.partition,
+            &self.offset,
+            &c.mood,
+            &c.profile,
+            &c.interests,
+            &c.intent,
+            &c.preferences,
+            &self.total_score,
+            &self.req.metadata.processing_time,
+            &self.req.metadata.agents_used,
+            &self.errors,
+            &self.book_ids,
+            &self.scores,
+            &self.breakdowns,
+            &self.justifications,
+            &self.reasons,
+        ]
+    }
+}
+
+/// The configured delays with ±50 % jitter, so concurrent losers of a conflict do not collide
+/// again in lockstep.
+fn jittered(delays: &[Duration]) -> impl backon::BackoffBuilder {
+    let delays: Vec<Duration> = delays.to_vec();
+    delays.into_iter().map(|d| d.mul_f64(0.5 + fastrand::f64()))
+}

@@ -1,0 +1,357 @@
+//! Test harness: real PostgreSQL and a real Kafka-protocol broker, a fresh schema, topic and
+//! group per test. A missing server fails the test with a message saying what to start.
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use persistence_agent::agent::Agent;
+use persistence_agent::config::RunArgs;
+use persistence_agent::metrics::Metrics;
+use persistence_agent::model::PersistenceResult;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+pub const LOCAL_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const LOCAL_KAFKA: &str = "127.0.0.1:9092";
+
+/// `DATABASE_URL`, else the local server on 5432, else a throwaway cluster (initdb/pg_ctl).
+pub fn database_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            return url;
+        }
+        if std::net::TcpStream::connect_timeout(&"127.0.0.1:5432".parse().unwrap(), Duration::from_secs(1)).is_ok() {
+            return LOCAL_POSTGRES.to_string();
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/throwaway-postgres.sh");
+        let port = 55_000 + (std::process::id() % 900) as u16;
+        let out = std::process::Command::new(script)
+            .arg(port.to_string())
+            .env("WATCH_PID", std::process::id().to_string())
+            .output()
+            .expect("run scripts/throwaway-postgres.sh");
+        assert!(
+            out.status.success(),
+            "no PostgreSQL: DATABASE_URL is unset, nothing listens on 127.0.0.1:5432, and a throwaway \
+             cluster could not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+    .clone()
+}
+
+/// `KAFKA_BROKERS`, else a broker on 127.0.0.1:9092; panics when none answers.
+pub fn brokers() -> String {
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| LOCAL_KAFKA.to_string());
+    let probe: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    if let Err(e) = probe.fetch_metadata(None, Duration::from_secs(10)) {
+        panic!(
+            "no Kafka broker at {brokers} ({e}); run the tests with scripts/test.sh, which starts tansu, \
+             or set KAFKA_BROKERS"
+        );
+    }
+    brokers
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// A per-test environment: its own schema, topics and group.
+pub struct Env {
+    pub brokers: String,
+    pub db_url: String,
+    pub schema: String,
+    pub topic: String,
+    pub results: String,
+    pub group: String,
+    pub pg: tokio_postgres::Client,
+}
+
+impl Env {
+    pub async fn new(partitions: i32) -> Env {
+        init_logs();
+        let brokers = brokers();
+        let db_url = database_url();
+        let schema = unique("t");
+        let topic = unique("requests");
+        let results = unique("results");
+        create_topics(&brokers, &[(&topic, partitions), (&results, 1)]).await;
+        let (pg, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {db_url}: {e}"));
+        tokio::spawn(conn);
+        let env = Env {
+            brokers,
+            db_url,
+            schema,
+            topic,
+            results,
+            group: unique("group"),
+            pg,
+        };
+        env.migrate().await;
+        env.pg
+            .batch_execute(&format!("SET search_path = {}", env.schema))
+            .await
+            .unwrap();
+        env
+    }
+
+    async fn migrate(&self) {
+        let args = self.run_args(&[]);
+        let pool = persistence_agent::db::pool(&args.db).unwrap();
+        persistence_agent::db::migrate(&pool).await.unwrap();
+    }
+
+    /// Agent settings for this environment; `extra` are further `--flag value` pairs.
+    pub fn run_args(&self, extra: &[&str]) -> RunArgs {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let mut argv = vec![
+            "test".to_string(),
+            format!("--kafka-brokers={}", self.brokers),
+            format!("--database-url={}", self.db_url),
+            format!("--database-schema={}", self.schema),
+            format!("--kafka-group-id={}", self.group),
+            format!("--kafka-input-topics={}", self.topic),
+            format!("--kafka-results-topic={}", self.results),
+            "--http-addr=127.0.0.1:0".into(),
+            "--shutdown-timeout=20s".into(),
+            "--kafka-config=auto.commit.interval.ms=500".into(),
+            "--kafka-config=session.timeout.ms=10000".into(),
+            // Also the rebalance timeout: how long a join may wait for a member that died.
+            "--kafka-config=max.poll.interval.ms=15000".into(),
+        ];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        Wrap::try_parse_from(argv)
+            .expect("test arguments parse")
+            .run
+    }
+
+    pub async fn start(&self, extra: &[&str]) -> Agent {
+        Agent::start(self.run_args(extra), Arc::new(Metrics::new()))
+            .await
+            .expect("agent starts")
+    }
+
+    pub async fn books(&self, ids: &[&str]) {
+        for id in ids {
+            self.pg
+                .execute(
+                    "INSERT INTO book (id, title) VALUES ($1, $1) ON CONFLICT DO NOTHING",
+                    &[id],
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.pg.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    pub async fn produce(&self, key: &str, payload: &[u8]) {
+        produce(&self.brokers, &self.topic, Some(key), payload, &[]).await;
+    }
+
+    /// Waits until `sql` counts `want`, failing after `secs` seconds with the last count.
+    pub async fn wait_count(&self, sql: &str, want: i64, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let n = self.count(sql).await;
+            if n == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{sql}: {n} after {secs}s, want {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The group's committed offset of partition `p` of the input topic (None: nothing committed).
+    pub fn committed(&self, p: i32) -> Option<i64> {
+        committed(&self.brokers, &self.group, &self.topic, p)
+    }
+
+    pub fn results(&self, n: usize) -> Vec<PersistenceResult> {
+        read(&self.brokers, &self.results, n, Duration::from_secs(30))
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).expect("result is JSON"))
+            .collect()
+    }
+}
+
+pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .collect();
+    for r in admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+pub async fn produce(
+    brokers: &str,
+    topic: &str,
+    key: Option<&str>,
+    payload: &[u8],
+    headers: &[(&str, &str)],
+) {
+    static PRODUCERS: OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, FutureProducer>>,
+    > = OnceLock::new();
+    let producer = PRODUCERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .entry(brokers.to_string())
+        .or_insert_with(|| {
+            ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .set("linger.ms", "0")
+                .create()
+                .unwrap()
+        })
+        .clone();
+    let mut hs = OwnedHeaders::new();
+    for (k, v) in headers {
+        hs = hs.insert(Header {
+            key: k,
+            value: Some(*v),
+        });
+    }
+    let mut record = FutureRecord::to(topic).payload(payload).headers(hs);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+}
+
+pub fn committed(brokers: &str, group: &str, topic: &str, partition: i32) -> Option<i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let got = c
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("fetch committed offsets");
+    match got.find_partition(topic, partition).map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => Some(o),
+        _ => None,
+    }
+}
+
+/// Reads `n` messages from partition 0 of `topic` from the beginning: (key, value).
+pub fn read(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {n} messages from {topic}",
+            out.len()
+        );
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            out.push((
+                m.key().map(<[u8]>::to_vec),
+                m.payload().unwrap_or_default().to_vec(),
+            ));
+        }
+    }
+    out
+}
+
+pub fn request(user: &str, request_id: Option<&str>, books: &[(&str, f64)]) -> serde_json::Value {
+    let books: Vec<_> = books
+        .iter()
+        .map(|(id, score)| {
+            serde_json::json!({"bookId": id, "score": score, "justification": format!("why {id}"),
+                               "keyReasons": ["depth", "style"]})
+        })
+        .collect();
+    let mut metadata =
+        serde_json::json!({"processingTime": 8500, "agentsUsed": ["context", "scoring"]});
+    if let Some(id) = request_id {
+        metadata["requestId"] = id.into();
+    }
+    serde_json::json!({
+        "userId": user,
+        "context": {"mood": "reflexivo", "profile": "avanzado", "interests": ["filosofía"], "intent": "aprendizaje"},
+        "justifiedBooks": books,
+        "metadata": metadata,
+    })
+}
+
+pub async fn stop(agent: Agent) {
+    agent.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(60), agent.wait())
+        .await
+        .expect("agent stops within 60s")
+        .expect("agent stops cleanly");
+}
+
+/// Agent logs on stderr when `TEST_LOG` is set (e.g. `TEST_LOG=debug`).
+pub fn init_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if let Ok(level) = std::env::var("TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(level)
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
