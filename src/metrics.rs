@@ -15,6 +15,9 @@ pub mod outcome {
     pub const DUPLICATE: &str = "duplicate";
     /// Not persisted and not routed (before retry topics exist: logged, counted, committed).
     pub const FAILED: &str = "failed";
+    /// Sent to a delayed retry tier: not final, so outside the SLO.
+    pub const RETRY_SCHEDULED: &str = "retry_scheduled";
+    pub const DEAD_LETTERED: &str = "dead_lettered";
 }
 
 /// `result` label values of transaction attempts besides the failure classes.
@@ -41,6 +44,9 @@ pub struct Metrics {
     pub pool_waiting: IntGauge,
     pub build_info: IntGaugeVec,
     pub consumer_lag: IntGaugeVec,
+    pub dead_letters: IntCounterVec,
+    pub retry_routed: IntCounterVec,
+    pub time_to_success: HistogramVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -143,6 +149,25 @@ impl Metrics {
                 &["topic", "partition"],
             )
             .unwrap(),
+            dead_letters: IntCounterVec::new(
+                opts("dead_letters_total", "Messages routed to the dead-letter topic, by error class."),
+                &["class"],
+            )
+            .unwrap(),
+            retry_routed: IntCounterVec::new(
+                opts("retry_routed_total", "Messages routed to a delayed retry tier, by tier (e.g. 5m, 30m, 2h)."),
+                &["tier"],
+            )
+            .unwrap(),
+            time_to_success: HistogramVec::new(
+                hopts(
+                    "retry_time_to_success_seconds",
+                    "First failure to successful persistence of messages that succeeded from a retry tier, by tier.",
+                    E2E_BUCKETS.to_vec(),
+                ),
+                &["tier"],
+            )
+            .unwrap(),
             registry,
         };
         m.register_all();
@@ -173,6 +198,9 @@ impl Metrics {
             Box::new(self.pool_waiting.clone()),
             Box::new(self.build_info.clone()),
             Box::new(self.consumer_lag.clone()),
+            Box::new(self.dead_letters.clone()),
+            Box::new(self.retry_routed.clone()),
+            Box::new(self.time_to_success.clone()),
         ];
         for c in collectors {
             self.registry.register(c).expect("metric names are unique");

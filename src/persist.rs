@@ -127,7 +127,9 @@ impl Persister {
             .sleep(tokio::time::sleep)
             .when(|f: &Failure| match f.class {
                 crate::classify::class::TIMEOUT => timeouts.fetch_add(1, Ordering::Relaxed) == 0,
-                _ => f.disposition == Disposition::RetryInProcess,
+                // A terminated connection (57P01) or a brief failover heals within the backoff;
+                // a longer outage is the pipeline's to wait out.
+                _ => matches!(f.disposition, Disposition::RetryInProcess | Disposition::Outage),
             })
             .notify(|f: &Failure, after: Duration| {
                 tracing::debug!(request_id, class = f.class, code = %f.code, ?after, "transaction retry");

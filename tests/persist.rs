@@ -1,0 +1,164 @@
+//! The transaction against a real PostgreSQL, without Kafka: timeouts, lost connections.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{request, Env};
+use persistence_agent::classify::class;
+use persistence_agent::metrics::Metrics;
+use persistence_agent::model::PersistenceRequest;
+use persistence_agent::persist::{Persister, Source};
+
+fn persister(env: &Env, timeout_ms: u64, pool_size: usize) -> (Persister, Arc<Metrics>) {
+    let mut db = env.run_args(&[]).db;
+    db.database_pool_size = pool_size;
+    let pool = persistence_agent::db::pool(&db).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let backoff = vec![Duration::from_millis(10); 5];
+    (
+        Persister::new(
+            pool,
+            Duration::from_millis(timeout_ms),
+            backoff,
+            metrics.clone(),
+        ),
+        metrics,
+    )
+}
+
+fn req(user: &str, id: &str) -> PersistenceRequest {
+    serde_json::from_value(request(user, Some(id), &[("b1", 0.5)])).unwrap()
+}
+
+fn source() -> Source {
+    Source {
+        topic: "t".into(),
+        partition: 0,
+        offset: 0,
+    }
+}
+
+/// Holds a row lock on the user's reader_context for `hold`, in its own connection.
+async fn lock_reader(env: &Env, user: &str, hold: Duration) -> tokio::task::JoinHandle<()> {
+    let (client, conn) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("SET search_path = {}; BEGIN", env.schema))
+        .await
+        .unwrap();
+    client
+        .execute(
+            "SELECT 1 FROM reader_context WHERE user_id = $1 FOR UPDATE",
+            &[&user],
+        )
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        client.batch_execute("COMMIT").await.unwrap();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_timeout_is_retried_once_with_double_the_timeout() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let (p, metrics) = persister(&env, 700, 2);
+    p.persist(&req("u", "first"), "first", &source())
+        .await
+        .unwrap();
+
+    // Locked for 1 s: the first attempt times out at 0.7 s, the retry (1.4 s) outlasts the lock.
+    let lock = lock_reader(&env, "u", Duration::from_secs(1)).await;
+    let done = p
+        .persist(&req("u", "second"), "second", &source())
+        .await
+        .expect("second attempt succeeds");
+    lock.await.unwrap();
+    assert_eq!(done.attempts, 2);
+    assert_eq!(metrics.attempt_count(class::TIMEOUT), 1);
+    assert_eq!(env.count("SELECT count(*) FROM recommendation").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_statement_timeout_gives_up_even_with_backoff_left() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let (p, metrics) = persister(&env, 300, 2);
+    p.persist(&req("u", "first"), "first", &source())
+        .await
+        .unwrap();
+
+    let lock = lock_reader(&env, "u", Duration::from_secs(3)).await;
+    let failure = p
+        .persist(&req("u", "second"), "second", &source())
+        .await
+        .unwrap_err();
+    lock.await.unwrap();
+    assert_eq!(
+        (failure.class, failure.code.as_str()),
+        (class::TIMEOUT, "57014")
+    );
+    assert_eq!(
+        metrics.attempt_count(class::TIMEOUT),
+        2,
+        "once at 300 ms, once at 600 ms, then no more"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM processed_request").await,
+        1,
+        "the timed-out request left nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persists_after_its_connection_is_terminated() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let (p, _metrics) = persister(&env, 5000, 1);
+    p.persist(&req("u", "before"), "before", &source())
+        .await
+        .unwrap();
+    let pid: i32 = p
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    env.pg
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+
+    p.persist(&req("u", "after"), "after", &source())
+        .await
+        .expect("a new connection is made");
+    assert_eq!(env.count("SELECT count(*) FROM recommendation").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_idempotent_and_safe_when_replicas_start_together() {
+    let env = Env::new(1).await;
+    let db = env.run_args(&[]).db;
+    let runs = (0..4).map(|_| {
+        let db = db.clone();
+        tokio::spawn(async move {
+            persistence_agent::db::migrate(&persistence_agent::db::pool(&db).unwrap()).await
+        })
+    });
+    for run in runs {
+        assert_eq!(
+            run.await.unwrap().unwrap(),
+            Vec::<i64>::new(),
+            "already applied by Env::new"
+        );
+    }
+    assert_eq!(env.count("SELECT count(*) FROM schema_migrations").await, 1);
+}
