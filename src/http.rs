@@ -39,16 +39,19 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on HTTP_ADDR {addr}: {e}"))
+}
+
 /// Serves until `stop` is cancelled.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     state: HttpState,
     stop: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on HTTP_ADDR {addr}: {e}"))?;
-    tracing::info!(%addr, "http endpoints listening");
+    tracing::info!(addr = %listener.local_addr()?, "http endpoints listening");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(stop.cancelled_owned())
         .await?;

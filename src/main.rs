@@ -57,8 +57,9 @@ enum Command {
 }
 
 fn init_logs(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,librdkafka=warn,rdkafka=warn,tokio_postgres=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -113,13 +114,12 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(config = ?args, version = env!("CARGO_PKG_VERSION"), "starting");
     let metrics = Arc::new(Metrics::new());
+    // Bound before the agent starts, so a taken port fails fast.
+    let listener = http::bind(args.http_addr).await?;
     let agent = Agent::start(args.clone(), metrics).await?;
     let http_stop = tokio_util::sync::CancellationToken::new();
-    let server = tokio::spawn(http::serve(
-        args.http_addr,
-        http::HttpState::of(&agent),
-        http_stop.clone(),
-    ));
+    let state = http::HttpState::of(&agent);
+    let server = tokio::spawn(http::serve(listener, state, http_stop.clone()));
     let shutdown = agent.shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -85,9 +85,12 @@ pub struct Env {
 
 impl Env {
     pub async fn new(partitions: i32) -> Env {
+        Env::with_database(database_url(), partitions).await
+    }
+
+    pub async fn with_database(db_url: String, partitions: i32) -> Env {
         init_logs();
         let brokers = brokers();
-        let db_url = database_url();
         let schema = unique("t");
         let topic = unique("requests");
         let results = unique("results");
@@ -167,6 +170,34 @@ impl Env {
 
     pub async fn count(&self, sql: &str) -> i64 {
         self.pg.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    /// Like `count`, on a new connection (for tests that restart the database).
+    pub async fn count_fresh(&self, sql: &str) -> i64 {
+        let (c, conn) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c.batch_execute(&format!("SET search_path = {}", self.schema))
+            .await
+            .unwrap();
+        c.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    /// Starts the agent with its HTTP endpoints on a free port; returns the base URL too.
+    pub async fn start_with_http(&self, extra: &[&str]) -> (Agent, String) {
+        let agent = self.start(extra).await;
+        let listener = persistence_agent::http::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = persistence_agent::http::HttpState::of(&agent);
+        tokio::spawn(persistence_agent::http::serve(
+            listener,
+            state,
+            agent.shutdown.clone(),
+        ));
+        (agent, url)
     }
 
     pub async fn produce(&self, key: &str, payload: &[u8]) {
@@ -354,4 +385,163 @@ pub fn init_logs() {
                 .try_init();
         }
     });
+}
+
+/// A PostgreSQL cluster of the test's own, which it may stop and start (the shared server on
+/// 5432 must never be stopped). Deleted on drop.
+pub struct TestCluster {
+    dir: std::path::PathBuf,
+    bindir: std::path::PathBuf,
+    pub port: u16,
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
+impl TestCluster {
+    pub fn start_new() -> TestCluster {
+        let bindir = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path().join("bin"))
+                    .filter(|b| b.join("initdb").exists())
+                    .max()
+            })
+            .expect(
+                "PostgreSQL server binaries under /usr/lib/postgresql: apt-get install postgresql",
+            );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(unique("pa-cluster"));
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            assert!(std::process::Command::new("chown")
+                .arg("postgres")
+                .arg(&dir)
+                .status()
+                .unwrap()
+                .success());
+        }
+        let c = TestCluster { dir, bindir, port };
+        let data = c.dir.join("data");
+        c.pg(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+            ],
+        )
+        .unwrap();
+        c.start();
+        c
+    }
+
+    /// Runs a server binary as its owner (initdb refuses root).
+    fn pg(&self, bin: &str, args: &[&str]) -> Result<(), String> {
+        let path = self.bindir.join(bin);
+        let mut cmd = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&path);
+            c
+        } else {
+            std::process::Command::new(&path)
+        };
+        let out = cmd.args(args).output().map_err(|e| e.to_string())?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(format!(
+                "{bin} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn start(&self) {
+        let data = self.dir.join("data");
+        let log = self.dir.join("server.log");
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-o",
+                &opts,
+                "start",
+            ],
+        )
+        .unwrap();
+    }
+
+    pub fn stop(&self) {
+        let data = self.dir.join("data");
+        self.pg(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = self.pg(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// GET `url`: (status, body).
+pub async fn http_get(url: &str) -> (u16, String) {
+    let resp = reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+/// The value of sample `name` with exactly `labels` in a Prometheus text exposition, if present.
+pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    want.sort();
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let mut got: Vec<String> = rest
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect();
+            got.sort();
+            (n == name && got == want).then(|| value.parse().unwrap())
+        })
 }
