@@ -49,7 +49,13 @@ async fn killed_consumer_rereads_uncommitted_messages_without_duplicating_rows()
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
     // Commits never come due before the kill, so every message is redelivered after it.
-    let mut child = spawn_agent(&env, &[("KAFKA_CONFIG_auto.commit.interval.ms", "3600000")]);
+    let mut child = spawn_agent(
+        &env,
+        &[
+            ("KAFKA_CONFIG_auto.commit.interval.ms", "3600000"),
+            ("KAFKA_CONFIG_session.timeout.ms", "6000"),
+        ],
+    );
     for i in 0..10 {
         // No requestId: the id derived from topic/partition/offset must recognise redeliveries.
         let req = request(&format!("user-{i}"), None, &[("b1", 0.4)]);
@@ -66,7 +72,9 @@ async fn killed_consumer_rereads_uncommitted_messages_without_duplicating_rows()
         "a killed consumer committed nothing"
     );
 
-    let agent = env.start(&[]).await;
+    let agent = env
+        .start(&[&std::env::var("RESTART_EXTRA").unwrap_or("--workers=16".into())])
+        .await;
     let metrics = agent.metrics.clone();
     let deadline = Instant::now() + Duration::from_secs(120);
     while metrics.outcome_count(&env.topic, outcome::DUPLICATE) < 10 {
