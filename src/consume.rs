@@ -58,7 +58,14 @@ impl ClientContext for AgentContext {
                     .map(move |p| ((t.topic.clone(), p.partition), p.consumer_lag))
             })
             .filter(|((_, p), lag)| *p >= 0 && *lag >= 0)
+            .collect::<Vec<_>>();
+        // librdkafka keeps reporting partitions it no longer owns, with a stale lag.
+        let tracker = self.shared.tracker.lock().expect("tracker lock");
+        let lag = lag
+            .into_iter()
+            .filter(|(tp, _)| tracker.is_assigned(tp))
             .collect();
+        drop(tracker);
         *self.shared.lag.lock().expect("lag lock") = lag;
     }
 }
@@ -268,6 +275,7 @@ impl PollLoop {
         let Ok(assignment) = self.consumer.assignment() else {
             return paused;
         };
+        // librdkafka resumes each partition at the first message not yet handed to the agent.
         let result = if want_paused {
             self.consumer.pause(&assignment)
         } else {
@@ -313,18 +321,33 @@ pub async fn worker(
     pipeline: Arc<crate::pipeline::Pipeline>,
     done: Sender<Completion>,
 ) {
+    use crate::pipeline::Handled;
     while let Some(Job { msg, epoch }) = jobs.recv().await {
         // Once shutdown begins, queued messages are left for the next owner rather than started.
         let handled = match pipeline.shutdown.is_cancelled() {
-            true => crate::pipeline::Handled::Abandoned,
+            true => Handled::Abandoned,
             false => pipeline.handle(&msg).await,
         };
-        let c = Completion {
+        let mut c = Completion {
             tp: (msg.topic().to_string(), msg.partition()),
             epoch,
             offset: msg.offset(),
-            done: handled == crate::pipeline::Handled::Done,
+            done: false,
         };
+        match handled {
+            Handled::Abandoned => {}
+            Handled::Done(None) => c.done = true,
+            // The next message starts while the broker acknowledges this one's result event.
+            Handled::Done(Some(pending)) => {
+                let done = done.clone();
+                tokio::spawn(async move {
+                    pending.delivered().await;
+                    c.done = true;
+                    let _ = done.send(c);
+                });
+                continue;
+            }
+        }
         if done.send(c).is_err() {
             return;
         }

@@ -95,6 +95,10 @@ impl OffsetTracker {
         }
     }
 
+    pub fn is_assigned(&self, tp: &TopicPartition) -> bool {
+        self.parts.contains_key(tp)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.parts.values().map(|p| p.in_flight.len()).sum()
     }

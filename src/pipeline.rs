@@ -11,13 +11,13 @@ use crate::decode::{DecodeError, Decoder};
 use crate::metrics::{outcome, Metrics};
 use crate::model::{status, PersistenceRequest, PersistenceResult, ResultError};
 use crate::persist::{Persisted, Persister, Source};
-use crate::results::ResultPublisher;
+use crate::results::{PendingResult, ResultPublisher};
 
 /// What the consumer may do with the message's offset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {
-    /// The outcome is durable: the offset may be committed.
-    Done,
+    /// The outcome is durable: the offset may be committed once the result event (if any) is
+    /// acknowledged.
+    Done(Option<PendingResult>),
     /// Not finished (shutdown while the database was down, or a fatal error): never commit it,
     /// so the message is read again.
     Abandoned,
@@ -74,8 +74,7 @@ impl Pipeline {
                 .with_label_values(&[label])
                 .observe(age);
         }
-        self.results.publish(&result).await;
-        Handled::Done
+        Handled::Done(self.results.publish(&result).await)
     }
 
     /// Returns the request id and user id (when the message got that far) with the outcome.

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apache_avro::Schema;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::{ClientRole, KafkaArgs, ResultsFormat};
 use crate::metrics::Metrics;
@@ -58,12 +60,10 @@ impl ResultPublisher {
         }
     }
 
-    /// Waits for the broker's acknowledgement; a failure is logged and counted, not retried
-    /// forever: the data itself is already committed, and a redelivery repeats the confirmation.
-    pub async fn publish(&self, result: &PersistenceResult) {
-        let Some(topic) = self.topic.as_deref() else {
-            return;
-        };
+    /// Hands the event to the producer and returns its pending acknowledgement; the caller
+    /// stores the message's offset only once that resolved, without holding up the next message.
+    pub async fn publish(&self, result: &PersistenceResult) -> Option<PendingResult> {
+        let topic = self.topic.as_deref()?;
         let payload = match self.encode(result) {
             Ok(p) => p,
             Err(e) => {
@@ -72,18 +72,59 @@ impl ResultPublisher {
                     .results_published
                     .with_label_values(&["error"])
                     .inc();
-                return;
+                return None;
             }
         };
-        let record = FutureRecord::to(topic)
+        let mut record = FutureRecord::to(topic)
             .key(&result.request_id)
             .payload(&payload);
-        let delivery = match self.producer.send(record, Duration::from_secs(30)).await {
-            Ok(_) => "ok",
-            Err((e, _)) => {
-                tracing::warn!(request_id = %result.request_id, error = %e, "result event not delivered");
+        loop {
+            match self.producer.send_result(record) {
+                Ok(future) => {
+                    let (metrics, request_id) = (self.metrics.clone(), result.request_id.clone());
+                    return Some(PendingResult {
+                        future,
+                        metrics,
+                        request_id,
+                    });
+                }
+                // The local queue is full: wait for deliveries to drain it.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(request_id = %result.request_id, error = %e, "result event not delivered");
+                    self.metrics
+                        .results_published
+                        .with_label_values(&["error"])
+                        .inc();
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// A result event handed to the producer, not yet acknowledged.
+pub struct PendingResult {
+    future: DeliveryFuture,
+    metrics: Arc<Metrics>,
+    request_id: String,
+}
+
+impl PendingResult {
+    /// Resolves once the broker acknowledged the event or librdkafka gave up on it
+    /// (`message.timeout.ms`): a failed delivery is logged and counted, not retried forever,
+    /// because the data itself is committed and a redelivery repeats the confirmation.
+    pub async fn delivered(self) {
+        let delivery = match self.future.await {
+            Ok(Ok(_)) => "ok",
+            Ok(Err((e, _))) => {
+                tracing::warn!(request_id = %self.request_id, error = %e, "result event not delivered");
                 "error"
             }
+            Err(_) => "error",
         };
         self.metrics
             .results_published

@@ -12,7 +12,9 @@ use common::{http_get, request, sample, stop, Env, TestCluster};
 async fn metrics_count_a_known_mix_of_outcomes_exactly() {
     let env = Env::new(1).await;
     env.books(&["b1", "b2"]).await;
-    let (agent, url) = env.start_with_http(&[]).await;
+    let (agent, url) = env
+        .start_with_http(&["--kafka-config=statistics.interval.ms=500"])
+        .await;
     for i in 0..3 {
         env.produce(
             "k",
@@ -39,9 +41,19 @@ async fn metrics_count_a_known_mix_of_outcomes_exactly() {
     env.produce("k", b"\x01garbage").await; // decode
     env.results(6);
 
+    // Lag comes from librdkafka statistics: wait for a report after the last message.
+    let t = env.topic.as_str();
+    let lag = [("topic", t), ("partition", "0")];
+    wait_for("consumer lag reported", 30, async || {
+        sample(
+            &http_get(&format!("{url}/metrics")).await.1,
+            "persistence_agent_consumer_lag_messages",
+            &lag,
+        ) == Some(0.0)
+    })
+    .await;
     let (status, text) = http_get(&format!("{url}/metrics")).await;
     assert_eq!(status, 200);
-    let t = env.topic.as_str();
     let m = |name: &str, labels: &[(&str, &str)]| sample(&text, name, labels);
     assert_eq!(
         m("persistence_agent_messages_consumed_total", &[("topic", t)]),
