@@ -24,14 +24,16 @@ fn newer_schema() -> String {
     v.to_string()
 }
 
+/// The schemas served by id, and how many requests the registry answered.
+type Registry = (Arc<Vec<(u32, String)>>, Arc<AtomicUsize>);
+
 async fn registry(schemas: Vec<(u32, String)>) -> (String, Arc<AtomicUsize>) {
     let hits = Arc::new(AtomicUsize::new(0));
     let app = axum::Router::new()
         .route(
             "/schemas/ids/{id}",
             get(
-                |State((schemas, hits)): State<(Arc<Vec<(u32, String)>>, Arc<AtomicUsize>)>,
-                 Path(id): Path<u32>| async move {
+                |State((schemas, hits)): State<Registry>, Path(id): Path<u32>| async move {
                     hits.fetch_add(1, Ordering::SeqCst);
                     match schemas.iter().find(|(i, _)| *i == id) {
                         Some((_, s)) => Ok(Json(serde_json::json!({"schema": s}))),
