@@ -11,4 +11,13 @@ ensure_postgres
 ensure_kafka
 echo "test.sh: DATABASE_URL=${DATABASE_URL%%\?*} KAFKA_BROKERS=$KAFKA_BROKERS"
 # Two test threads: each test runs an agent and its own transactions on a 2-core machine.
-cargo test --locked "$@" -- --test-threads="${TEST_THREADS:-2}"
+log=$(mktemp)
+set +e
+cargo test --locked "$@" -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 2; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"

@@ -172,10 +172,7 @@ impl Metrics {
         };
         m.register_all();
         m.build_info
-            .with_label_values(&[
-                env!("CARGO_PKG_VERSION"),
-                option_env!("GIT_SHA").unwrap_or("unknown"),
-            ])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("GIT_SHA")])
             .set(1);
         m
     }

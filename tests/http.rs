@@ -126,9 +126,14 @@ async fn metrics_count_a_known_mix_of_outcomes_exactly() {
     assert_eq!(m("persistence_agent_database_outage", &[]), Some(0.0));
     assert!(m("persistence_agent_db_pool_connections", &[]).unwrap() >= 1.0);
     let version = env!("CARGO_PKG_VERSION");
-    assert!(text
+    let build = text
         .lines()
-        .any(|l| l.starts_with("persistence_agent_build_info{") && l.contains(version)));
+        .find(|l| l.starts_with("persistence_agent_build_info{"))
+        .unwrap();
+    assert!(
+        build.contains(version) && !build.contains("git_sha=\"unknown\""),
+        "{build}"
+    );
     assert!(
         !text.contains("u0") && !text.contains("m-0"),
         "no user or request ids in labels"
