@@ -59,7 +59,12 @@ impl Agent {
         let workers = (0..args.workers.max(1))
             .map(|_| {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                tokio::spawn(consume::worker(rx, pipeline.clone(), done_tx.clone()));
+                tokio::spawn(consume::worker(
+                    rx,
+                    pipeline.clone(),
+                    shared.clone(),
+                    done_tx.clone(),
+                ));
                 tx
             })
             .collect();
@@ -70,6 +75,7 @@ impl Agent {
             shutdown: shutdown.clone(),
             max_in_flight: args.max_in_flight.max(1),
             shutdown_timeout: args.shutdown_timeout,
+            fatal: fatal.clone(),
         };
         let poll = tokio::task::spawn_blocking(move || poll_loop.run());
         Ok(Agent {
@@ -123,7 +129,6 @@ fn pipeline(
         results: ResultPublisher::new(producer, topic, args.results_format, metrics.clone())?,
         metrics,
         max_message_bytes: args.max_message_bytes,
-        backoff,
         shutdown,
         fatal,
     })

@@ -110,17 +110,21 @@ impl From<&ValidationError> for Failure {
 
 impl From<&deadpool_postgres::PoolError> for Failure {
     fn from(e: &deadpool_postgres::PoolError) -> Self {
-        use deadpool_postgres::PoolError;
+        use deadpool_postgres::{PoolError, TimeoutType};
         match e {
+            // Connecting never reached a transaction: whatever the server said (refused,
+            // authentication, database missing, starting up), the database is unusable.
             PoolError::Backend(pg) => {
-                let mut f = Failure::from(pg);
-                // No connection could be made at all: the database is down, not one transaction.
-                if pg.code().is_none() {
-                    f.class = class::OUTAGE;
-                    f.disposition = Disposition::Outage;
-                }
-                f
+                let code = pg.code().map_or("cannot_connect", |c| c.code());
+                Self::new(class::OUTAGE, code, pg.to_string(), Disposition::Outage)
             }
+            // An unreachable host (packets dropped) shows as a connection that never completes.
+            PoolError::Timeout(TimeoutType::Create) => Self::new(
+                class::OUTAGE,
+                "connect_timeout",
+                e.to_string(),
+                Disposition::Outage,
+            ),
             PoolError::Timeout(_) => Self::new(
                 class::POOL,
                 "pool_timeout",
@@ -140,12 +144,21 @@ impl From<&deadpool_postgres::PoolError> for Failure {
 impl From<&tokio_postgres::Error> for Failure {
     fn from(e: &tokio_postgres::Error) -> Self {
         let Some(state) = e.code() else {
-            // No SQLSTATE: the connection broke (I/O error, closed by the server).
+            let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+            if e.is_closed() || io {
+                return Self::new(
+                    class::CONNECTION,
+                    "connection_lost",
+                    e.to_string(),
+                    Disposition::RetryInProcess,
+                );
+            }
+            // A client-side error (encoding a parameter, an unexpected reply): not the network.
             return Self::new(
-                class::CONNECTION,
-                "connection_lost",
+                class::DATABASE,
+                "client_error",
                 e.to_string(),
-                Disposition::RetryInProcess,
+                Disposition::RetryTier,
             );
         };
         let message = e
@@ -189,6 +202,8 @@ pub fn classify_sqlstate(state: &SqlState) -> (&'static str, Disposition) {
         {
             (class::CONSTRAINT, DeadLetter)
         }
+        // Classes 53 (disk full, out of memory) and 58 (I/O errors): the server itself is unwell.
+        _ if s.starts_with("53") || s.starts_with("58") => (class::OUTAGE, Outage),
         // Class 22: data exceptions (bad encoding, out-of-range values).
         _ if s.starts_with("22") => (class::DATA, DeadLetter),
         // Class 08: connection exceptions.
@@ -224,10 +239,21 @@ mod tests {
             (SqlState::READ_ONLY_SQL_TRANSACTION, Outage),
             (SqlState::UNDEFINED_TABLE, Fatal),
             (SqlState::INTERNAL_ERROR, RetryTier),
+            (SqlState::DISK_FULL, Outage),
+            (SqlState::IO_ERROR, Outage),
         ];
         for (state, want) in cases {
             assert_eq!(classify_sqlstate(&state).1, want, "{}", state.code());
         }
+    }
+
+    #[test]
+    fn unreachable_database_is_an_outage_but_a_busy_pool_is_retried() {
+        use deadpool_postgres::{PoolError, TimeoutType};
+        let f = Failure::from(&PoolError::Timeout(TimeoutType::Create));
+        assert_eq!((f.class, f.disposition), (class::OUTAGE, Outage));
+        let f = Failure::from(&PoolError::Timeout(TimeoutType::Wait));
+        assert_eq!((f.class, f.disposition), (class::POOL, RetryInProcess));
     }
 
     #[test]

@@ -226,6 +226,7 @@ pub struct PollLoop {
     pub shutdown: CancellationToken,
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
+    pub fatal: Arc<std::sync::OnceLock<String>>,
 }
 
 impl PollLoop {
@@ -261,6 +262,16 @@ impl PollLoop {
             .in_flight();
         self.shared.metrics.in_flight.set(in_flight as i64);
         if self.shared.assignment_changed.swap(false, Ordering::AcqRel) {
+            // librdkafka keeps the application's pause on partitions across a rebalance.
+            if paused {
+                if let Err(e) = self
+                    .consumer
+                    .assignment()
+                    .and_then(|a| self.consumer.resume(&a))
+                {
+                    tracing::warn!(error = %e, "resume after rebalance failed");
+                }
+            }
             paused = false;
             self.shared.metrics.paused_partitions.set(0);
         }
@@ -310,7 +321,9 @@ impl PollLoop {
         }
         let worker = &self.workers[(h.finish() % self.workers.len() as u64) as usize];
         if worker.send(Job { msg, epoch }).is_err() {
-            tracing::error!("worker stopped; message left uncommitted");
+            // Every later message for that worker would be dropped: stop, commit what is done.
+            let _ = self.fatal.set("a worker stopped".into());
+            self.shutdown.cancel();
         }
     }
 }
@@ -319,20 +332,27 @@ impl PollLoop {
 pub async fn worker(
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>,
     pipeline: Arc<crate::pipeline::Pipeline>,
+    shared: Arc<Shared>,
     done: Sender<Completion>,
 ) {
     use crate::pipeline::Handled;
     while let Some(Job { msg, epoch }) = jobs.recv().await {
-        // Once shutdown begins, queued messages are left for the next owner rather than started.
-        let handled = match pipeline.shutdown.is_cancelled() {
-            true => Handled::Abandoned,
-            false => pipeline.handle(&msg).await,
-        };
         let mut c = Completion {
             tp: (msg.topic().to_string(), msg.partition()),
             epoch,
             offset: msg.offset(),
             done: false,
+        };
+        // Queued messages of a partition this consumer no longer owns belong to the new owner,
+        // and once shutdown begins they are left for the next one.
+        let current = shared
+            .tracker
+            .lock()
+            .expect("tracker lock")
+            .is_current(&c.tp, epoch);
+        let handled = match current && !pipeline.shutdown.is_cancelled() {
+            false => Handled::Abandoned,
+            true => run_isolated(&pipeline, msg).await,
         };
         match handled {
             Handled::Abandoned => {}
@@ -350,6 +370,26 @@ pub async fn worker(
         }
         if done.send(c).is_err() {
             return;
+        }
+    }
+}
+
+/// Runs one message in its own task, so a panic stops the agent (nothing committed past the
+/// message) instead of silently killing this worker and every message hashed to it.
+async fn run_isolated(
+    pipeline: &Arc<crate::pipeline::Pipeline>,
+    msg: OwnedMessage,
+) -> crate::pipeline::Handled {
+    let p = pipeline.clone();
+    match tokio::spawn(async move { p.handle(&msg).await }).await {
+        Ok(handled) => handled,
+        Err(e) => {
+            tracing::error!(error = %e, "message handling panicked: stopping");
+            let _ = pipeline
+                .fatal
+                .set(format!("message handling panicked: {e}"));
+            pipeline.shutdown.cancel();
+            crate::pipeline::Handled::Abandoned
         }
     }
 }

@@ -99,6 +99,11 @@ impl OffsetTracker {
         self.parts.contains_key(tp)
     }
 
+    /// Whether `epoch` is the current ownership of `tp` (false once revoked or re-assigned).
+    pub fn is_current(&self, tp: &TopicPartition, epoch: u64) -> bool {
+        self.parts.get(tp).is_some_and(|p| p.epoch == epoch)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.parts.values().map(|p| p.in_flight.len()).sum()
     }

@@ -179,6 +179,12 @@ impl Persister {
             .prepare_cached(PERSIST_SQL)
             .await
             .map_err(|e| Failure::from(&e))?;
+        // Prepared up front: an unprepared UPDATE would be parsed first and executed only after
+        // the pipelined COMMIT, outside the transaction.
+        let confirm = client
+            .prepare_cached(CONFIRM_SQL)
+            .await
+            .map_err(|e| Failure::from(&e))?;
         let begin = format!(
             "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = {}",
             timeout.as_millis().max(1)
@@ -209,7 +215,7 @@ impl Persister {
             let confirm_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
                 [&request_id, &json];
             let (confirmed, committed) = tokio::join!(
-                client.execute(CONFIRM_SQL, &confirm_params),
+                client.execute(&confirm, &confirm_params),
                 client.batch_execute("COMMIT")
             );
             // COMMIT of an aborted transaction "succeeds" as a rollback: check the update first.

@@ -29,7 +29,6 @@ pub struct Pipeline {
     pub results: ResultPublisher,
     pub metrics: Arc<Metrics>,
     pub max_message_bytes: usize,
-    pub backoff: Vec<Duration>,
     /// Cancelled at shutdown; also cancelled by a fatal error, with `fatal` set.
     pub shutdown: CancellationToken,
     pub fatal: Arc<std::sync::OnceLock<String>>,
@@ -105,16 +104,25 @@ impl Pipeline {
         (request_id, user_id, outcome)
     }
 
-    /// Decodes, retrying while the schema registry is unreachable.
+    /// Decodes; while the schema registry is unreachable the message waits (capped backoff)
+    /// rather than failing, and is abandoned (not committed) only at shutdown.
     async fn decode(&self, payload: &[u8]) -> Result<PersistenceRequest, Failure> {
-        let mut delays = self.backoff.iter();
+        let mut delay = Duration::from_millis(200);
         loop {
             match self.decoder.decode(payload).await {
                 Ok((req, _encoding)) => return Ok(req),
-                Err(e @ DecodeError::RegistryUnavailable(_)) => match delays.next() {
-                    Some(d) => tokio::time::sleep(*d).await,
-                    None => return Err(Failure::from(&e)),
-                },
+                Err(e @ DecodeError::RegistryUnavailable(_)) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "schema registry unavailable; holding the message");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => {
+                            let mut f = Failure::from(&e);
+                            f.disposition = Disposition::Outage;
+                            return Err(f);
+                        }
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
                 Err(e) => return Err(Failure::from(&e)),
             }
         }
@@ -130,7 +138,11 @@ impl Pipeline {
         loop {
             let outcome = self.persister.persist(req, request_id, source).await;
             let down = match &outcome {
-                Err(f) => f.disposition == Disposition::Outage || f.class == class::CONNECTION,
+                Err(f) => {
+                    f.disposition == Disposition::Outage
+                        || f.class == class::CONNECTION
+                        || f.class == class::POOL
+                }
                 Ok(_) => false,
             };
             if !down {

@@ -246,3 +246,51 @@ async fn readyz_flips_during_a_database_outage_and_nothing_is_lost() {
     );
     assert_eq!(env.committed(0), Some(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_database_holds_messages_and_commits_nothing() {
+    let env = Env::new(1).await;
+    // A "database" that accepts connections and never answers, like a host dropping packets.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!(
+        "postgres://postgres@{}/postgres",
+        silent.local_addr().unwrap()
+    );
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let mut args = env.run_args(&["--migrate-on-start=false", "--txn-backoff=10ms"]);
+    args.db.database_url = silent_url;
+    let (agent, url) = common::start_with_http(args).await;
+    env.produce(
+        "k",
+        request("u", Some("held"), &[("b1", 0.5)])
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+
+    wait_for("outage detected", 60, async || {
+        agent.metrics.database_outage.get() == 1
+    })
+    .await;
+    wait_for("not ready", 30, async || {
+        http_get(&format!("{url}/readyz")).await.0 == 503
+    })
+    .await;
+    let metrics = agent.metrics.clone();
+    stop(agent).await;
+    assert_eq!(
+        metrics.outcome_count(&env.topic, "failed"),
+        0,
+        "nothing reported failed"
+    );
+    assert_eq!(
+        env.committed(0),
+        None,
+        "the held message stays uncommitted for the next owner"
+    );
+}

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
@@ -25,16 +25,24 @@ fn newer_schema() -> String {
 }
 
 /// The schemas served by id, and how many requests the registry answered.
-type Registry = (Arc<Vec<(u32, String)>>, Arc<AtomicUsize>);
+type Registry = (Arc<Vec<(u32, String)>>, Arc<AtomicUsize>, Arc<AtomicBool>);
 
-async fn registry(schemas: Vec<(u32, String)>) -> (String, Arc<AtomicUsize>) {
+/// Serves `schemas`; answers 503 while the returned flag is set.
+async fn registry(schemas: Vec<(u32, String)>) -> (String, Arc<AtomicUsize>, Arc<AtomicBool>) {
     let hits = Arc::new(AtomicUsize::new(0));
+    let down = Arc::new(AtomicBool::new(false));
     let app = axum::Router::new()
         .route(
             "/schemas/ids/{id}",
             get(
-                |State((schemas, hits)): State<Registry>, Path(id): Path<u32>| async move {
+                |State((schemas, hits, down)): State<Registry>, Path(id): Path<u32>| async move {
                     hits.fetch_add(1, Ordering::SeqCst);
+                    if down.load(Ordering::SeqCst) {
+                        return Err((
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            Json(serde_json::json!({"error_code": 50301})),
+                        ));
+                    }
                     match schemas.iter().find(|(i, _)| *i == id) {
                         Some((_, s)) => Ok(Json(serde_json::json!({"schema": s}))),
                         None => Err((
@@ -45,11 +53,11 @@ async fn registry(schemas: Vec<(u32, String)>) -> (String, Arc<AtomicUsize>) {
                 },
             ),
         )
-        .with_state((Arc::new(schemas), hits.clone()));
+        .with_state((Arc::new(schemas), hits.clone(), down.clone()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, hits)
+    (url, hits, down)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +65,7 @@ async fn reads_confluent_avro_from_a_newer_writer_schema_through_the_registry() 
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
     let newer = newer_schema();
-    let (url, hits) = registry(vec![(42, newer.clone())]).await;
+    let (url, hits, _down) = registry(vec![(42, newer.clone())]).await;
     let agent = env.start(&[&format!("--schema-registry-url={url}")]).await;
 
     let writer = apache_avro::Schema::parse_str(&newer).unwrap();
@@ -103,4 +111,41 @@ async fn reads_confluent_avro_from_a_newer_writer_schema_through_the_registry() 
     );
     stop(agent).await;
     assert_eq!(env.committed(0), Some(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_messages_while_the_registry_is_down_and_persists_them_after() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let (url, hits, down) = registry(vec![(42, newer_schema())]).await;
+    down.store(true, Ordering::SeqCst);
+    let agent = env.start(&[&format!("--schema-registry-url={url}")]).await;
+    let writer = apache_avro::Schema::parse_str(&newer_schema()).unwrap();
+    let req = request("u1", Some("held-1"), &[("b1", 0.5)]);
+    env.produce(
+        "k",
+        &encode_avro(&req, &writer, WireFormat::AvroConfluent, 42).unwrap(),
+    )
+    .await;
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while hits.load(Ordering::SeqCst) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent keeps asking the registry"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        agent.metrics.outcome_count(&env.topic, "failed"),
+        0,
+        "a registry outage fails nothing"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM recommendation").await, 0);
+
+    down.store(false, Ordering::SeqCst);
+    env.wait_count("SELECT count(*) FROM recommendation", 1, 60)
+        .await;
+    stop(agent).await;
+    assert_eq!(env.committed(0), Some(1));
 }

@@ -186,20 +186,11 @@ impl Env {
 
     /// Starts the agent with its HTTP endpoints on a free port; returns the base URL too.
     pub async fn start_with_http(&self, extra: &[&str]) -> (Agent, String) {
-        let agent = self.start(extra).await;
-        let listener = persistence_agent::http::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let state = persistence_agent::http::HttpState::of(&agent);
-        tokio::spawn(persistence_agent::http::serve(
-            listener,
-            state,
-            agent.shutdown.clone(),
-        ));
-        (agent, url)
+        start_with_http(self.run_args(extra)).await
     }
+}
 
+impl Env {
     pub async fn produce(&self, key: &str, payload: &[u8]) {
         produce(&self.brokers, &self.topic, Some(key), payload, &[]).await;
     }
@@ -231,6 +222,24 @@ impl Env {
             .map(|(_, v)| serde_json::from_slice(&v).expect("result is JSON"))
             .collect()
     }
+}
+
+/// Starts an agent from `args` with its HTTP endpoints on a free port; returns the base URL too.
+pub async fn start_with_http(args: RunArgs) -> (Agent, String) {
+    let agent = Agent::start(args, Arc::new(Metrics::new()))
+        .await
+        .expect("agent starts");
+    let listener = persistence_agent::http::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let state = persistence_agent::http::HttpState::of(&agent);
+    tokio::spawn(persistence_agent::http::serve(
+        listener,
+        state,
+        agent.shutdown.clone(),
+    ));
+    (agent, url)
 }
 
 pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
