@@ -131,6 +131,7 @@ fn pipeline(
         max_message_bytes: args.max_message_bytes,
         shutdown,
         fatal,
+        outage_waiters: Default::default(),
     })
 }
 

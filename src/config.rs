@@ -195,7 +195,7 @@ pub struct RunArgs {
     pub schema_registry_url: Option<String>,
 
     /// Per-statement timeout inside each transaction; a timeout is retried once with double.
-    #[arg(long, env = "STATEMENT_TIMEOUT", default_value = DEFAULT_STATEMENT_TIMEOUT, value_parser = humantime::parse_duration)]
+    #[arg(long, env = "STATEMENT_TIMEOUT", default_value = DEFAULT_STATEMENT_TIMEOUT, value_parser = parse_statement_timeout)]
     pub statement_timeout: Duration,
 
     /// Delays between in-process transaction retries, comma list; jitter of ±50 % is applied.
@@ -266,6 +266,16 @@ impl fmt::Debug for RunArgs {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DurationList(pub Vec<Duration>);
 
+/// PostgreSQL takes 0 as "no timeout" and caps the setting near 24 days (doubled on retry):
+/// accept 1 ms to 1 h.
+pub fn parse_statement_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    match d >= Duration::from_millis(1) && d <= Duration::from_secs(3600) {
+        true => Ok(d),
+        false => Err(format!("{s:?} is outside 1ms..1h")),
+    }
+}
+
 pub fn parse_duration_list(s: &str) -> Result<DurationList, String> {
     s.split(',')
         .map(str::trim)
@@ -300,5 +310,8 @@ mod tests {
             ]
         );
         assert!(parse_duration_list("100 parsecs").is_err());
+        assert!(parse_statement_timeout("0s").is_err());
+        assert!(parse_statement_timeout("30d").is_err());
+        assert_eq!(parse_statement_timeout("5s"), Ok(Duration::from_secs(5)));
     }
 }

@@ -40,6 +40,8 @@ pub struct Shared {
     assignment_changed: AtomicBool,
     /// Set once the group assigned partitions (or an empty assignment): readiness.
     pub joined: AtomicBool,
+    /// Set once the shutdown drain is over.
+    closing: AtomicBool,
     pub lag: Mutex<Vec<(TopicPartition, i64)>>,
 }
 
@@ -74,9 +76,17 @@ impl ConsumerContext for AgentContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let tps = topic_partitions(tpl);
-            let drained = self.shared.drain(consumer, &tps, self.shared.drain_timeout);
+            // After the shutdown drain, the close-time revoke has nothing left to wait for.
+            let timeout = match self.shared.closing.load(Ordering::Acquire) {
+                true => Duration::ZERO,
+                false => self.shared.drain_timeout,
+            };
+            let drained = self.shared.drain(consumer, &tps, timeout);
             tracing::info!(partitions = tps.len(), drained, "partitions revoked");
-            self.shared.commit(consumer, "revoke");
+            // A lost assignment belongs to someone else already: committing would fail.
+            if !consumer.assignment_lost() {
+                self.shared.commit(consumer, "revoke");
+            }
             let mut tracker = self.shared.tracker.lock().expect("tracker lock");
             tps.iter().for_each(|tp| tracker.revoke(tp));
         }
@@ -120,6 +130,7 @@ impl Shared {
             metrics,
             assignment_changed: AtomicBool::new(false),
             joined: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             lag: Mutex::default(),
         }
     }
@@ -247,6 +258,7 @@ impl PollLoop {
             .shared
             .drain(&self.consumer, &[], self.shutdown_timeout);
         self.shared.commit(&self.consumer, "shutdown");
+        self.shared.closing.store(true, Ordering::Release);
         tracing::info!(drained, "offsets committed; closing consumer");
         self.shared.metrics.in_flight.set(0);
     }

@@ -32,6 +32,8 @@ pub struct Pipeline {
     /// Cancelled at shutdown; also cancelled by a fatal error, with `fatal` set.
     pub shutdown: CancellationToken,
     pub fatal: Arc<std::sync::OnceLock<String>>,
+    /// Workers currently waiting for the database.
+    pub outage_waiters: std::sync::atomic::AtomicUsize,
 }
 
 /// A request id for messages without `metadata.requestId`, stable across redeliveries.
@@ -160,6 +162,9 @@ impl Pipeline {
     /// Probes with capped exponential backoff until the database answers (true) or shutdown
     /// begins (false).
     async fn wait_for_database(&self) -> bool {
+        // The gauge stays 1 while any worker waits, not just the first to recover.
+        self.outage_waiters
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.metrics.database_outage.set(1);
         let mut delay = Duration::from_millis(200);
         let up = loop {
@@ -173,7 +178,13 @@ impl Pipeline {
             tracing::warn!(retry_in = ?delay, "database unavailable; holding messages");
             delay = (delay * 2).min(Duration::from_secs(30));
         };
-        self.metrics.database_outage.set(0);
+        if self
+            .outage_waiters
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.metrics.database_outage.set(0);
+        }
         up
     }
 
