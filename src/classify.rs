@@ -67,6 +67,15 @@ impl Failure {
         }
     }
 
+    /// Whether the message should be held until the database answers, rather than given up,
+    /// once in-process retries are spent: the database is down, or every connection broke or
+    /// stayed busy, none of which says anything about the message itself.
+    pub fn waits_for_database(&self) -> bool {
+        self.disposition == Disposition::Outage
+            || self.class == class::CONNECTION
+            || self.class == class::POOL
+    }
+
     /// An invariant of ours broke; retrying may get past a transient cause.
     pub fn unexpected(message: &str) -> Self {
         Self::new(

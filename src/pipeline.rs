@@ -1,12 +1,13 @@
 //! The single place that decides a message's outcome: decode → validate → persist → result event.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
-use crate::classify::{class, Disposition, Failure};
+use crate::classify::{Disposition, Failure};
 use crate::decode::{DecodeError, Decoder};
 use crate::metrics::{outcome, Metrics};
 use crate::model::{status, PersistenceRequest, PersistenceResult, ResultError};
@@ -33,8 +34,12 @@ pub struct Pipeline {
     pub shutdown: CancellationToken,
     pub fatal: Arc<std::sync::OnceLock<String>>,
     /// Workers currently waiting for the database.
-    pub outage_waiters: std::sync::atomic::AtomicUsize,
+    pub outage_waiters: AtomicUsize,
 }
+
+/// Backoff while holding a message for a dependency that is down (database, schema registry).
+const FIRST_HOLD: Duration = Duration::from_millis(200);
+const MAX_HOLD: Duration = Duration::from_secs(30);
 
 /// A request id for messages without `metadata.requestId`, stable across redeliveries.
 pub fn derived_request_id(source: &Source) -> String {
@@ -106,24 +111,30 @@ impl Pipeline {
         (request_id, user_id, outcome)
     }
 
+    /// Waits `delay` (then doubles it, up to `MAX_HOLD`), or returns false once shutdown begins.
+    async fn hold(&self, delay: &mut Duration) -> bool {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(*delay) => {}
+        }
+        *delay = (*delay * 2).min(MAX_HOLD);
+        true
+    }
+
     /// Decodes; while the schema registry is unreachable the message waits (capped backoff)
     /// rather than failing, and is abandoned (not committed) only at shutdown.
     async fn decode(&self, payload: &[u8]) -> Result<PersistenceRequest, Failure> {
-        let mut delay = Duration::from_millis(200);
+        let mut delay = FIRST_HOLD;
         loop {
             match self.decoder.decode(payload).await {
                 Ok((req, _encoding)) => return Ok(req),
                 Err(e @ DecodeError::RegistryUnavailable(_)) => {
                     tracing::warn!(error = %e, retry_in = ?delay, "schema registry unavailable; holding the message");
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => {
-                            let mut f = Failure::from(&e);
-                            f.disposition = Disposition::Outage;
-                            return Err(f);
-                        }
-                        _ = tokio::time::sleep(delay) => {}
+                    if !self.hold(&mut delay).await {
+                        let mut f = Failure::from(&e);
+                        f.disposition = Disposition::Outage;
+                        return Err(f);
                     }
-                    delay = (delay * 2).min(Duration::from_secs(30));
                 }
                 Err(e) => return Err(Failure::from(&e)),
             }
@@ -139,14 +150,10 @@ impl Pipeline {
     ) -> Result<Persisted, Failure> {
         loop {
             let outcome = self.persister.persist(req, request_id, source).await;
-            let down = match &outcome {
-                Err(f) => {
-                    f.disposition == Disposition::Outage
-                        || f.class == class::CONNECTION
-                        || f.class == class::POOL
-                }
-                Ok(_) => false,
-            };
+            let down = outcome
+                .as_ref()
+                .err()
+                .is_some_and(Failure::waits_for_database);
             if !down {
                 return outcome;
             }
@@ -163,26 +170,19 @@ impl Pipeline {
     /// begins (false).
     async fn wait_for_database(&self) -> bool {
         // The gauge stays 1 while any worker waits, not just the first to recover.
-        self.outage_waiters
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.outage_waiters.fetch_add(1, Ordering::AcqRel);
         self.metrics.database_outage.set(1);
-        let mut delay = Duration::from_millis(200);
+        let mut delay = FIRST_HOLD;
         let up = loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => break false,
-                _ = tokio::time::sleep(delay) => {}
+            if !self.hold(&mut delay).await {
+                break false;
             }
             if self.database_answers().await {
                 break true;
             }
             tracing::warn!(retry_in = ?delay, "database unavailable; holding messages");
-            delay = (delay * 2).min(Duration::from_secs(30));
         };
-        if self
-            .outage_waiters
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            == 1
-        {
+        if self.outage_waiters.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.metrics.database_outage.set(0);
         }
         up

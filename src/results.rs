@@ -68,10 +68,7 @@ impl ResultPublisher {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(request_id = %result.request_id, error = %e, "result event not encodable");
-                self.metrics
-                    .results_published
-                    .with_label_values(&["error"])
-                    .inc();
+                count(&self.metrics, "error");
                 return None;
             }
         };
@@ -95,10 +92,7 @@ impl ResultPublisher {
                 }
                 Err((e, _)) => {
                     tracing::warn!(request_id = %result.request_id, error = %e, "result event not delivered");
-                    self.metrics
-                        .results_published
-                        .with_label_values(&["error"])
-                        .inc();
+                    count(&self.metrics, "error");
                     return None;
                 }
             }
@@ -126,9 +120,14 @@ impl PendingResult {
             }
             Err(_) => "error",
         };
-        self.metrics
-            .results_published
-            .with_label_values(&[delivery])
-            .inc();
+        count(&self.metrics, delivery);
     }
+}
+
+/// Counts one result event by delivery outcome (`ok`, `error`).
+fn count(metrics: &Metrics, delivery: &str) {
+    metrics
+        .results_published
+        .with_label_values(&[delivery])
+        .inc();
 }
