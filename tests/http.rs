@@ -4,9 +4,8 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use common::{http_get, request, sample, stop, Env, TestCluster};
+use common::{http_get, request, sample, stop, wait_for, Env, TestCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_mix_of_outcomes_exactly() {
@@ -169,14 +168,6 @@ fn promtool_check_metrics(exposition: &str) {
     );
 }
 
-async fn wait_for(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what} within {secs}s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_flips_during_a_database_outage_and_nothing_is_lost() {
     let cluster = TestCluster::start_new();
@@ -228,14 +219,12 @@ async fn readyz_flips_during_a_database_outage_and_nothing_is_lost() {
         http_get(&format!("{url}/readyz")).await.0 == 200
     })
     .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while env.count_fresh("SELECT count(*) FROM recommendation").await < 10 {
-        assert!(
-            Instant::now() < deadline,
-            "messages held during the outage were persisted after it"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for(
+        "messages held during the outage were persisted after it",
+        60,
+        async || env.count_fresh("SELECT count(*) FROM recommendation").await >= 10,
+    )
+    .await;
     let metrics = agent.metrics.clone();
     stop(agent).await;
     assert_eq!(metrics.outcome_count(&env.topic, "persisted"), 10);

@@ -6,7 +6,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{request, stop, Env};
+use common::{request, stop, wait_for, Env};
 use persistence_agent::metrics::outcome;
 
 fn spawn_agent(env: &Env, extra_env: &[(&str, &str)]) -> Child {
@@ -72,18 +72,14 @@ async fn killed_consumer_rereads_uncommitted_messages_without_duplicating_rows()
         "a killed consumer committed nothing"
     );
 
-    let agent = env
-        .start(&[&std::env::var("RESTART_EXTRA").unwrap_or("--workers=16".into())])
-        .await;
+    let agent = env.start(&[]).await;
     let metrics = agent.metrics.clone();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while metrics.outcome_count(&env.topic, outcome::DUPLICATE) < 10 {
-        assert!(
-            Instant::now() < deadline,
-            "redelivered messages not all recognised as duplicates"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(
+        "redelivered messages all recognised as duplicates",
+        120,
+        async || metrics.outcome_count(&env.topic, outcome::DUPLICATE) >= 10,
+    )
+    .await;
     stop(agent).await;
     assert_eq!(env.count("SELECT count(*) FROM recommendation").await, 10);
     assert_eq!(

@@ -10,7 +10,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Json;
-use common::{request, stop, Env};
+use common::{request, stop, wait_for, Env};
 use persistence_agent::produce::{encode_avro, WireFormat};
 
 /// Version 3: a producer ahead of the agent, with a field the agent does not know.
@@ -128,14 +128,10 @@ async fn holds_messages_while_the_registry_is_down_and_persists_them_after() {
     )
     .await;
 
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while hits.load(Ordering::SeqCst) < 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent keeps asking the registry"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_for("the agent keeps asking the registry", 30, async || {
+        hits.load(Ordering::SeqCst) >= 3
+    })
+    .await;
     assert_eq!(
         agent.metrics.outcome_count(&env.topic, "failed"),
         0,

@@ -526,6 +526,15 @@ impl Drop for TestCluster {
     }
 }
 
+/// Polls `check` every 200 ms until it holds, failing the test after `secs` seconds.
+pub async fn wait_for(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what} within {secs}s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// GET `url`: (status, body).
 pub async fn http_get(url: &str) -> (u16, String) {
     let resp = reqwest::get(url)
