@@ -9,23 +9,26 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ClientRole, RunArgs};
 use crate::consume::{self, AgentContext, PollLoop, Shared};
 use crate::decode::Decoder;
+use crate::due::DueGate;
 use crate::metrics::Metrics;
 use crate::persist::Persister;
 use crate::pipeline::Pipeline;
 use crate::results::{self, ResultPublisher};
+use crate::route::{Router, Topology};
 use crate::schemas::SchemaRegistry;
 
 /// A running agent. `shutdown` starts a graceful stop; `wait` returns when it finished.
 pub struct Agent {
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
-    pub shared: Arc<Shared>,
+    /// One per consumer: `main` (input topics) and/or `retry` (retry tiers), by `AGENT_ROLE`.
+    pub consumers: Vec<Arc<Shared>>,
     pub pipeline: Arc<Pipeline>,
     fatal: Arc<OnceLock<String>>,
-    poll: Option<tokio::task::JoinHandle<()>>,
+    polls: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Dropping an agent (a panicking test, an aborted caller) stops its poll thread too.
+/// Dropping an agent (a panicking test, an aborted caller) stops its poll threads too.
 impl Drop for Agent {
     fn drop(&mut self) {
         self.shutdown.cancel();
@@ -39,58 +42,56 @@ impl Agent {
             let applied = crate::db::migrate(&pool).await?;
             tracing::info!(?applied, "migrations applied");
         }
+        let topology = Topology::new(&args.retry)?;
+        if args.retry.create_retry_topics {
+            create_retry_topics(&args, &topology).await?;
+        }
         let shutdown = CancellationToken::new();
         let fatal = Arc::new(OnceLock::new());
         let pipeline = Arc::new(pipeline(
             &args,
             pool,
+            topology.clone(),
             metrics.clone(),
             shutdown.clone(),
             fatal.clone(),
         )?);
-
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        let shared = Arc::new(Shared::new(
-            done_rx,
-            args.rebalance_drain_timeout,
-            metrics.clone(),
-        ));
-        let consumer = consumer(&args, shared.clone())?;
-        let workers = (0..args.workers.max(1))
-            .map(|_| {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                tokio::spawn(consume::worker(
-                    rx,
-                    pipeline.clone(),
-                    shared.clone(),
-                    done_tx.clone(),
-                ));
-                tx
-            })
-            .collect();
-        let poll_loop = PollLoop {
-            consumer: Arc::new(consumer),
-            shared: shared.clone(),
-            workers,
-            shutdown: shutdown.clone(),
-            max_in_flight: args.max_in_flight.max(1),
-            shutdown_timeout: args.shutdown_timeout,
-            fatal: fatal.clone(),
-        };
-        let poll = tokio::task::spawn_blocking(move || poll_loop.run());
+        let inputs = args.input_topics();
+        anyhow::ensure!(!inputs.is_empty(), "KAFKA_INPUT_TOPICS names no topic");
+        let mut plans: Vec<(&'static str, String, Vec<String>, Option<DueGate>)> = Vec::new();
+        if args.retry.role.main() {
+            plans.push(("main", args.kafka_group_id.clone(), inputs.clone(), None));
+        }
+        if args.retry.role.retry() && topology.tiers() > 0 {
+            let tiers = topology.retry_topics(&inputs);
+            let names = tiers.iter().map(|(t, _)| t.clone()).collect();
+            plans.push((
+                "retry",
+                args.retry_group_id(),
+                names,
+                Some(DueGate::new(&tiers)),
+            ));
+        }
+        let mut consumers = Vec::new();
+        let mut polls = Vec::new();
+        for (name, group, topics, gate) in plans {
+            let (shared, poll) = start_consumer(&args, name, &group, &topics, gate, &pipeline)?;
+            consumers.push(shared);
+            polls.push(poll);
+        }
         Ok(Agent {
             metrics,
             shutdown,
-            shared,
+            consumers,
             pipeline,
             fatal,
-            poll: Some(poll),
+            polls,
         })
     }
 
-    /// Waits for the poll loop to finish (after `shutdown` or a fatal error).
+    /// Waits for the poll loops to finish (after `shutdown` or a fatal error).
     pub async fn wait(mut self) -> anyhow::Result<()> {
-        if let Some(poll) = self.poll.take() {
+        for poll in std::mem::take(&mut self.polls) {
             poll.await?;
         }
         match self.fatal.get() {
@@ -99,14 +100,87 @@ impl Agent {
         }
     }
 
+    /// Whether every consumer has joined its group.
     pub fn joined(&self) -> bool {
-        self.shared.joined.load(Ordering::Acquire)
+        self.consumers
+            .iter()
+            .all(|c| c.joined.load(Ordering::Acquire))
     }
+}
+
+/// One consumer with its workers and poll thread.
+fn start_consumer(
+    args: &RunArgs,
+    name: &'static str,
+    group: &str,
+    topics: &[String],
+    gate: Option<DueGate>,
+    pipeline: &Arc<Pipeline>,
+) -> anyhow::Result<(Arc<Shared>, tokio::task::JoinHandle<()>)> {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let shared = Arc::new(Shared::new(
+        name,
+        done_rx,
+        args.rebalance_drain_timeout,
+        pipeline.metrics.clone(),
+    ));
+    let consumer = consumer(args, group, topics, shared.clone())?;
+    let workers = (0..args.workers.max(1))
+        .map(|_| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(consume::worker(
+                rx,
+                pipeline.clone(),
+                shared.clone(),
+                done_tx.clone(),
+            ));
+            tx
+        })
+        .collect();
+    let poll_loop = PollLoop {
+        consumer: Arc::new(consumer),
+        shared: shared.clone(),
+        workers,
+        pipeline: pipeline.clone(),
+        max_in_flight: args.max_in_flight.max(1),
+        shutdown_timeout: args.shutdown_timeout,
+        gate,
+        paused: false,
+    };
+    tracing::info!(consumer = name, group, ?topics, "consumer starting");
+    Ok((shared, tokio::task::spawn_blocking(move || poll_loop.run())))
+}
+
+/// Creates missing tier and dead-letter topics shaped like their input topic, so a key keeps
+/// its partition number on every hop.
+async fn create_retry_topics(args: &RunArgs, topology: &Topology) -> anyhow::Result<()> {
+    let mut wanted = Vec::new();
+    for input in args.input_topics() {
+        let (partitions, replication) = crate::topics::shape(&args.kafka, &input)
+            .map_err(|e| anyhow::anyhow!("input topic {input}: {e}"))?;
+        let single = [input.clone()];
+        let derived = topology
+            .retry_topics(&single)
+            .into_iter()
+            .map(|(t, _)| t)
+            .chain(topology.dlq_topics(&single));
+        for t in derived {
+            if !wanted.iter().any(|(w, _, _)| *w == t) {
+                wanted.push((t, partitions, replication));
+            }
+        }
+    }
+    let created = crate::topics::create(&args.kafka, &wanted).await?;
+    if !created.is_empty() {
+        tracing::info!(?created, "retry and dead-letter topics created");
+    }
+    Ok(())
 }
 
 fn pipeline(
     args: &RunArgs,
     pool: deadpool_postgres::Pool,
+    topology: Topology,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     fatal: Arc<OnceLock<String>>,
@@ -118,6 +192,12 @@ fn pipeline(
     let backoff = args.txn_backoff.0.clone();
     let producer = results::producer(&args.kafka)?;
     let topic = args.results_topic().map(str::to_string);
+    let router = Router::new(
+        results::producer_with(&args.kafka, results::ROUTE_PRODUCER)?,
+        topology,
+        args.kafka_group_id.clone(),
+        args.retry.give_up_after,
+    );
     Ok(Pipeline {
         decoder: Decoder::new(registry)?,
         persister: Persister::new(
@@ -127,17 +207,25 @@ fn pipeline(
             metrics.clone(),
         ),
         results: ResultPublisher::new(producer, topic, args.results_format, metrics.clone())?,
+        router,
         metrics,
         max_message_bytes: args.max_message_bytes,
+        order_by_key: args.retry.order_by_key,
+        input_topics: args.input_topics().into_iter().collect(),
         shutdown,
         fatal,
         outage_waiters: Default::default(),
     })
 }
 
-fn consumer(args: &RunArgs, shared: Arc<Shared>) -> anyhow::Result<BaseConsumer<AgentContext>> {
+fn consumer(
+    args: &RunArgs,
+    group: &str,
+    topics: &[String],
+    shared: Arc<Shared>,
+) -> anyhow::Result<BaseConsumer<AgentContext>> {
     let defaults = [
-        ("group.id", args.kafka_group_id.as_str()),
+        ("group.id", group),
         ("client.id", "persistence-agent"),
         ("enable.auto.commit", "true"),
         ("auto.commit.interval.ms", "5000"),
@@ -148,14 +236,10 @@ fn consumer(args: &RunArgs, shared: Arc<Shared>) -> anyhow::Result<BaseConsumer<
     let mut cfg = args.kafka.client_config(ClientRole::Consumer, &defaults)?;
     // Not overridable: offsets are stored only once a message's outcome is durable.
     cfg.set("enable.auto.offset.store", "false");
+    // The retry consumer's group is its own, whatever the pass-through says.
+    cfg.set("group.id", group);
     let consumer: BaseConsumer<AgentContext> = cfg.create_with_context(AgentContext { shared })?;
-    let topics: Vec<&str> = args
-        .kafka_input_topics
-        .iter()
-        .map(String::as_str)
-        .filter(|t| !t.is_empty())
-        .collect();
-    anyhow::ensure!(!topics.is_empty(), "KAFKA_INPUT_TOPICS names no topic");
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)
 }

@@ -20,6 +20,8 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "30s";
 pub const DEFAULT_REBALANCE_DRAIN_TIMEOUT: &str = "10s";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_RETRY_DELAYS: &str = "5m,30m,2h";
+pub const DEFAULT_GIVE_UP_AFTER: &str = "24h";
 
 /// Prefix of environment variables passed verbatim to librdkafka:
 /// `KAFKA_CONFIG_security.protocol=SASL_SSL` sets `security.protocol`.
@@ -158,6 +160,26 @@ pub enum ResultsFormat {
     Avro,
 }
 
+/// Which topics a process consumes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// The input topics only.
+    Main,
+    /// The retry-tier topics only (a separate deployment for delayed retries).
+    Retry,
+    /// Both, with one consumer group each.
+    All,
+}
+
+impl Role {
+    pub fn main(self) -> bool {
+        self != Role::Retry
+    }
+    pub fn retry(self) -> bool {
+        self != Role::Main
+    }
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Json,
@@ -229,11 +251,69 @@ pub struct RunArgs {
     /// Apply pending migrations at start-up (safe with several replicas: advisory lock).
     #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,
+
+    #[command(flatten)]
+    pub retry: RetryArgs,
+}
+
+/// Delayed retry tiers and the dead-letter topic.
+#[derive(Args, Clone, Debug)]
+pub struct RetryArgs {
+    /// What this process consumes: `main` (input topics), `retry` (retry tiers) or `all`.
+    #[arg(long, env = "AGENT_ROLE", value_enum, default_value = "all")]
+    pub role: Role,
+
+    /// Delay of each retry tier, comma list; the number of tiers follows the list. Tier topics
+    /// are named `<input topic>.retry.<delay>` (e.g. `persistence.requests.retry.5m`).
+    #[arg(long, env = "RETRY_DELAYS", default_value = DEFAULT_RETRY_DELAYS, value_parser = parse_duration_list)]
+    pub retry_delays: DurationList,
+
+    /// Tier topic names overriding the derived ones, comma list, one per `RETRY_DELAYS` entry;
+    /// shared by every input topic.
+    #[arg(long, env = "RETRY_TOPICS", value_delimiter = ',')]
+    pub retry_topics: Vec<String>,
+
+    /// Dead-letter topic overriding the derived `<input topic>.dlq`.
+    #[arg(long, env = "DLQ_TOPIC")]
+    pub dlq_topic: Option<String>,
+
+    /// A message whose first failure is older than this goes to the dead-letter topic.
+    #[arg(long, env = "GIVE_UP_AFTER", default_value = DEFAULT_GIVE_UP_AFTER, value_parser = humantime::parse_duration)]
+    pub give_up_after: Duration,
+
+    /// Consumer group of the retry-tier consumers; defaults to `<KAFKA_GROUP_ID>.retry`.
+    #[arg(long, env = "KAFKA_RETRY_GROUP_ID")]
+    pub kafka_retry_group_id: Option<String>,
+
+    /// Keep one key's requests in order while one of them waits in a retry tier (parking).
+    #[arg(long, env = "ORDER_BY_KEY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub order_by_key: bool,
+
+    /// Create missing retry-tier and dead-letter topics at start-up, with the input topic's
+    /// partition count (so a key keeps its partition number).
+    #[arg(long, env = "CREATE_RETRY_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_retry_topics: bool,
 }
 
 impl RunArgs {
     pub fn results_topic(&self) -> Option<&str> {
         Some(self.kafka_results_topic.trim()).filter(|t| !t.is_empty())
+    }
+
+    pub fn input_topics(&self) -> Vec<String> {
+        self.kafka_input_topics
+            .iter()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect()
+    }
+
+    pub fn retry_group_id(&self) -> String {
+        self.retry
+            .kafka_retry_group_id
+            .clone()
+            .filter(|g| !g.is_empty())
+            .unwrap_or_else(|| format!("{}.retry", self.kafka_group_id))
     }
 }
 
@@ -259,6 +339,7 @@ impl fmt::Debug for RunArgs {
             .field("txn_backoff", &self.txn_backoff.0)
             .field("workers", &self.workers)
             .field("max_in_flight", &self.max_in_flight)
+            .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }

@@ -13,8 +13,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::mpsc::UnboundedSender;
-use tokio_util::sync::CancellationToken;
 
+use crate::due::DueGate;
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
 
@@ -33,6 +33,8 @@ pub struct Job {
 
 /// State shared by the poll loop and the rebalance callbacks (both run on the poll thread).
 pub struct Shared {
+    /// `main` or `retry`: the `consumer` label of this consumer's gauges.
+    pub name: &'static str,
     tracker: Mutex<OffsetTracker>,
     completions: Mutex<Receiver<Completion>>,
     drain_timeout: Duration,
@@ -119,11 +121,13 @@ fn topic_partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
 
 impl Shared {
     pub fn new(
+        name: &'static str,
         completions: Receiver<Completion>,
         drain_timeout: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            name,
             tracker: Mutex::default(),
             completions: Mutex::new(completions),
             drain_timeout,
@@ -234,19 +238,24 @@ pub struct PollLoop {
     pub consumer: Arc<BaseConsumer<AgentContext>>,
     pub shared: Arc<Shared>,
     pub workers: Vec<UnboundedSender<Job>>,
-    pub shutdown: CancellationToken,
+    pub pipeline: Arc<crate::pipeline::Pipeline>,
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
-    pub fatal: Arc<std::sync::OnceLock<String>>,
+    /// Retry-tier consumers hold each partition until its next message is due.
+    pub gate: Option<DueGate>,
+    /// All assigned partitions are paused (backpressure or a database outage).
+    pub paused: bool,
 }
 
 impl PollLoop {
     /// Runs on a dedicated thread until shutdown; then drains, commits and closes the consumer.
-    pub fn run(self) {
-        let mut paused = false;
-        while !self.shutdown.is_cancelled() {
+    pub fn run(mut self) {
+        let shutdown = self.pipeline.shutdown.clone();
+        while !shutdown.is_cancelled() {
             self.shared.apply_ready(&self.consumer);
-            paused = self.backpressure(paused);
+            self.on_assignment_change();
+            self.backpressure();
+            self.resume_due();
             match self.consumer.poll(Duration::from_millis(50)) {
                 None => {}
                 Some(Ok(m)) => self.dispatch(m.detach()),
@@ -260,64 +269,158 @@ impl PollLoop {
         self.shared.commit(&self.consumer, "shutdown");
         self.shared.closing.store(true, Ordering::Release);
         tracing::info!(drained, "offsets committed; closing consumer");
-        self.shared.metrics.in_flight.set(0);
+        self.gauge(&self.shared.metrics.in_flight).set(0);
     }
 
-    /// Pauses all assigned partitions above `max_in_flight`, resumes below half of it; polling
-    /// goes on meanwhile, so the group session and rebalances are served.
-    fn backpressure(&self, mut paused: bool) -> bool {
+    /// librdkafka keeps the application's pauses across a rebalance, and every partition
+    /// restarts from its committed offset: start over unpaused, with no message waited for.
+    fn on_assignment_change(&mut self) {
+        if !self.shared.assignment_changed.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = self
+            .consumer
+            .assignment()
+            .and_then(|a| self.consumer.resume(&a))
+        {
+            tracing::warn!(error = %e, "resume after rebalance failed");
+        }
+        self.paused = false;
+        if let Some(g) = &mut self.gate {
+            g.clear();
+        }
+        self.gauge(&self.shared.metrics.paused_partitions).set(0);
+        self.shared.metrics.delayed_partitions.set(0);
+    }
+
+    /// Pauses all assigned partitions above `max_in_flight` or while the database is down, and
+    /// resumes below half of it once it is back; polling goes on meanwhile, so the group
+    /// session and rebalances are served.
+    fn backpressure(&mut self) {
         let in_flight = self
             .shared
             .tracker
             .lock()
             .expect("tracker lock")
             .in_flight();
-        self.shared.metrics.in_flight.set(in_flight as i64);
-        if self.shared.assignment_changed.swap(false, Ordering::AcqRel) {
-            // librdkafka keeps the application's pause on partitions across a rebalance.
-            if paused {
-                if let Err(e) = self
-                    .consumer
-                    .assignment()
-                    .and_then(|a| self.consumer.resume(&a))
-                {
-                    tracing::warn!(error = %e, "resume after rebalance failed");
-                }
-            }
-            paused = false;
-            self.shared.metrics.paused_partitions.set(0);
-        }
-        let want_paused = if paused {
-            in_flight > self.max_in_flight / 2
-        } else {
-            in_flight >= self.max_in_flight
-        };
-        if want_paused == paused {
-            return paused;
+        self.gauge(&self.shared.metrics.in_flight)
+            .set(in_flight as i64);
+        let outage = self.pipeline.outage_waiters.load(Ordering::Acquire) > 0;
+        let want_paused = outage
+            || match self.paused {
+                true => in_flight > self.max_in_flight / 2,
+                false => in_flight >= self.max_in_flight,
+            };
+        if want_paused == self.paused {
+            return;
         }
         let Ok(assignment) = self.consumer.assignment() else {
-            return paused;
+            return;
         };
-        // librdkafka resumes each partition at the first message not yet handed to the agent.
-        let result = if want_paused {
-            self.consumer.pause(&assignment)
-        } else {
-            self.consumer.resume(&assignment)
+        // librdkafka resumes each partition at the first message not yet handed to the agent;
+        // partitions waiting for a due time stay paused.
+        let result = match want_paused {
+            true => self.consumer.pause(&assignment),
+            false => self.consumer.resume(&self.without_waiting(&assignment)),
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "pause/resume failed");
-            return paused;
+            return;
+        }
+        if want_paused && outage {
+            tracing::warn!("database unavailable: consumption paused");
         }
         let count = if want_paused {
             assignment.count() as i64
         } else {
             0
         };
-        self.shared.metrics.paused_partitions.set(count);
-        want_paused
+        self.gauge(&self.shared.metrics.paused_partitions)
+            .set(count);
+        self.paused = want_paused;
     }
 
-    fn dispatch(&self, msg: OwnedMessage) {
+    fn gauge(&self, vec: &prometheus::IntGaugeVec) -> prometheus::IntGauge {
+        vec.with_label_values(&[self.shared.name])
+    }
+
+    fn without_waiting(&self, tpl: &TopicPartitionList) -> TopicPartitionList {
+        let mut out = TopicPartitionList::new();
+        for e in tpl.elements() {
+            let tp = (e.topic().to_string(), e.partition());
+            if !self.gate.as_ref().is_some_and(|g| g.is_waiting(&tp)) {
+                out.add_partition(e.topic(), e.partition());
+            }
+        }
+        out
+    }
+
+    /// Resumes partitions whose waited-for message is due (unless everything is paused; the
+    /// general resume then picks them up).
+    fn resume_due(&mut self) {
+        let Some(gate) = &mut self.gate else {
+            return;
+        };
+        if gate.is_empty() {
+            return;
+        }
+        let due = gate.take_due(chrono::Utc::now());
+        let waiting = gate.len() as i64;
+        self.shared.metrics.delayed_partitions.set(waiting);
+        if due.is_empty() || self.paused {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &due {
+            tpl.add_partition(t, *p);
+        }
+        if let Err(e) = self.consumer.resume(&tpl) {
+            tracing::warn!(error = %e, "resume of a due retry partition failed");
+        }
+    }
+
+    /// Holds a retry-tier message that is not yet due: pause its partition and set the fetch
+    /// position back to it. Returns whether it was held.
+    fn hold_until_due(&mut self, msg: &OwnedMessage) -> bool {
+        let Some(gate) = &mut self.gate else {
+            return false;
+        };
+        let tp = (msg.topic().to_string(), msg.partition());
+        if gate.is_behind_a_wait(&tp, msg.offset()) {
+            return true;
+        }
+        let Some(due) = gate.due_at(msg).filter(|d| *d > chrono::Utc::now()) else {
+            return false;
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        let held = self.consumer.pause(&tpl).and_then(|_| {
+            self.consumer.seek(
+                &tp.0,
+                tp.1,
+                Offset::Offset(msg.offset()),
+                Duration::from_secs(5),
+            )
+        });
+        if let Err(e) = held {
+            // Not held: handle it now rather than risk skipping it.
+            tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "cannot pause a retry partition until due");
+            let _ = self.consumer.resume(&tpl);
+            return false;
+        }
+        tracing::debug!(topic = %tp.0, partition = tp.1, offset = msg.offset(), %due, "retry message not yet due; partition paused");
+        gate.wait(tp, msg.offset(), due);
+        self.shared
+            .metrics
+            .delayed_partitions
+            .set(gate.len() as i64);
+        true
+    }
+
+    fn dispatch(&mut self, msg: OwnedMessage) {
+        if self.hold_until_due(&msg) {
+            return;
+        }
         let tp = (msg.topic().to_string(), msg.partition());
         let epoch = self
             .shared
@@ -334,8 +437,8 @@ impl PollLoop {
         let worker = &self.workers[(h.finish() % self.workers.len() as u64) as usize];
         if worker.send(Job { msg, epoch }).is_err() {
             // Every later message for that worker would be dropped: stop, commit what is done.
-            let _ = self.fatal.set("a worker stopped".into());
-            self.shutdown.cancel();
+            let _ = self.pipeline.fatal.set("a worker stopped".into());
+            self.pipeline.shutdown.cancel();
         }
     }
 }

@@ -8,8 +8,10 @@ use tokio_postgres::NoTls;
 use crate::config::DatabaseArgs;
 
 /// Versioned migrations, embedded at build time; applied in order, each once.
-pub const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "core", include_str!("../migrations/0001_core.sql"))];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "core", include_str!("../migrations/0001_core.sql")),
+    (2, "retry", include_str!("../migrations/0002_retry.sql")),
+];
 
 /// Key of the advisory lock that serialises migrations across replicas starting together.
 const MIGRATION_LOCK_KEY: &str = "persistence-agent.migrate";

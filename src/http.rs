@@ -16,7 +16,8 @@ use crate::agent::Agent;
 pub struct HttpState {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub pipeline: Arc<crate::pipeline::Pipeline>,
-    pub shared: Arc<crate::consume::Shared>,
+    /// One per consumer (main, retry).
+    pub consumers: Vec<Arc<crate::consume::Shared>>,
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -25,7 +26,7 @@ impl HttpState {
         Self {
             metrics: agent.metrics.clone(),
             pipeline: agent.pipeline.clone(),
-            shared: agent.shared.clone(),
+            consumers: agent.consumers.clone(),
             shutdown: agent.shutdown.clone(),
         }
     }
@@ -60,8 +61,12 @@ pub async fn serve(
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     s.metrics.observe_pool(s.pipeline.persister.pool().status());
-    s.metrics
-        .observe_lag(&s.shared.lag.lock().expect("lag lock"));
+    let lag: Vec<_> = s
+        .consumers
+        .iter()
+        .map(|c| (c.name, c.lag.lock().expect("lag lock").clone()))
+        .collect();
+    s.metrics.observe_lag(&lag);
     (
         [(
             header::CONTENT_TYPE,
@@ -74,7 +79,11 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     let reason = if s.shutdown.is_cancelled() {
         Some("draining for shutdown")
-    } else if !s.shared.joined.load(std::sync::atomic::Ordering::Acquire) {
+    } else if !s
+        .consumers
+        .iter()
+        .all(|c| c.joined.load(std::sync::atomic::Ordering::Acquire))
+    {
         Some("not yet joined the consumer group")
     } else if s.metrics.database_outage.get() != 0 || !s.pipeline.database_answers().await {
         Some("database unavailable")

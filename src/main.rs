@@ -1,12 +1,9 @@
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use persistence_agent::agent::Agent;
-use persistence_agent::config::{ClientRole, DatabaseArgs, KafkaArgs, LogFormat, RunArgs};
-use persistence_agent::{db, http, metrics::Metrics, produce};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use persistence_agent::config::{DatabaseArgs, KafkaArgs, LogFormat, RunArgs};
+use persistence_agent::{db, dlq, http, metrics::Metrics, produce, topics};
 use tracing_subscriber::EnvFilter;
 
 /// Consumes persistence requests from Kafka and writes each to PostgreSQL in one serializable
@@ -42,6 +39,11 @@ enum Command {
     },
     /// Publish requests from JSON files, stdin, or a sample generator.
     Produce(produce::ProduceArgs),
+    /// Inspect and replay the dead-letter topics.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
     /// Create topics (existing ones are left alone).
     Topics {
         #[command(flatten)]
@@ -102,6 +104,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Produce(args) => produce::run(args).await,
+        Command::Dlq { command } => dlq::run(command).await,
         Command::Topics {
             kafka,
             partitions,
@@ -149,20 +152,15 @@ async fn create_topics(
     partitions: i32,
     replication: i32,
 ) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        kafka.client_config(ClientRole::Admin, &[])?.create()?;
-    let new: Vec<NewTopic> = topics
+    let wanted: Vec<(String, i32, i32)> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
+        .map(|t| (t.clone(), partitions, replication))
         .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics(&new, &opts).await? {
-        match result {
-            Ok(t) => println!("created {t}"),
-            Err((t, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
-                println!("exists {t}")
-            }
-            Err((t, e)) => anyhow::bail!("cannot create topic {t}: {e}"),
+    let created = topics::create(kafka, &wanted).await?;
+    for t in topics {
+        match created.contains(t) {
+            true => println!("created {t}"),
+            false => println!("exists {t}"),
         }
     }
     Ok(())

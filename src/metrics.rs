@@ -9,15 +9,22 @@ use prometheus::{
 
 pub const NAMESPACE: &str = "persistence_agent";
 
+/// ((topic, partition), messages behind).
+pub type PartitionLag = ((String, i32), i64);
+
 /// `outcome` label values: the final outcome of a message.
 pub mod outcome {
     pub const PERSISTED: &str = "persisted";
     pub const DUPLICATE: &str = "duplicate";
-    /// Not persisted and not routed (before retry topics exist: logged, counted, committed).
+    /// Not persisted and not routed. No longer produced (every failure is routed), kept in
+    /// the SLO rules so dashboards over older data stay right.
     pub const FAILED: &str = "failed";
     /// Sent to a delayed retry tier: not final, so outside the SLO.
     pub const RETRY_SCHEDULED: &str = "retry_scheduled";
     pub const DEAD_LETTERED: &str = "dead_lettered";
+    /// Held back behind an earlier request of the same key that waits in a retry tier; its
+    /// final outcome is counted when it is released.
+    pub const PARKED: &str = "parked";
 }
 
 /// `result` label values of transaction attempts besides the failure classes.
@@ -34,8 +41,9 @@ pub struct Metrics {
     pub txn_duration: Histogram,
     pub end_to_end_latency: HistogramVec,
     pub failures: IntCounterVec,
-    pub in_flight: IntGauge,
-    pub paused_partitions: IntGauge,
+    pub in_flight: IntGaugeVec,
+    pub paused_partitions: IntGaugeVec,
+    pub delayed_partitions: IntGauge,
     pub database_outage: IntGauge,
     pub results_published: IntCounterVec,
     pub commits: IntCounterVec,
@@ -81,8 +89,9 @@ impl Metrics {
             outcomes: IntCounterVec::new(
                 opts(
                     "outcomes_total",
-                    "Final outcomes of messages, by topic and outcome (persisted, duplicate, failed). \
-                     The success-rate SLO is (persisted + duplicate) / all.",
+                    "Outcomes of messages by input topic and outcome: final (persisted, duplicate, \
+                     dead_lettered) or not (retry_scheduled, parked). The success-rate SLO is \
+                     (persisted + duplicate) / (persisted + duplicate + dead_lettered + failed).",
                 ),
                 &["topic", "outcome"],
             )
@@ -115,10 +124,22 @@ impl Metrics {
                 &["class"],
             )
             .unwrap(),
-            in_flight: IntGauge::with_opts(opts("in_flight_messages", "Messages fetched and not yet finished.")).unwrap(),
-            paused_partitions: IntGauge::with_opts(opts(
-                "paused_partitions",
-                "Assigned partitions whose consumption is paused (backpressure or outage).",
+            in_flight: IntGaugeVec::new(
+                opts("in_flight_messages", "Messages fetched and not yet finished, by consumer (main, retry)."),
+                &["consumer"],
+            )
+            .unwrap(),
+            paused_partitions: IntGaugeVec::new(
+                opts(
+                    "paused_partitions",
+                    "Assigned partitions paused for backpressure or a database outage, by consumer (main, retry).",
+                ),
+                &["consumer"],
+            )
+            .unwrap(),
+            delayed_partitions: IntGauge::with_opts(opts(
+                "retry_delayed_partitions",
+                "Retry-tier partitions paused until their next message is due.",
             ))
             .unwrap(),
             database_outage: IntGauge::with_opts(opts(
@@ -145,8 +166,12 @@ impl Metrics {
             )
             .unwrap(),
             consumer_lag: IntGaugeVec::new(
-                opts("consumer_lag_messages", "Messages behind the partition's end, from librdkafka statistics."),
-                &["topic", "partition"],
+                opts(
+                    "consumer_lag_messages",
+                    "Messages behind the partition's end, from librdkafka statistics, by consumer \
+                     (main, retry: retry-tier lag includes messages waiting to be due).",
+                ),
+                &["consumer", "topic", "partition"],
             )
             .unwrap(),
             dead_letters: IntCounterVec::new(
@@ -187,6 +212,7 @@ impl Metrics {
             Box::new(self.failures.clone()),
             Box::new(self.in_flight.clone()),
             Box::new(self.paused_partitions.clone()),
+            Box::new(self.delayed_partitions.clone()),
             Box::new(self.database_outage.clone()),
             Box::new(self.results_published.clone()),
             Box::new(self.commits.clone()),
@@ -211,12 +237,14 @@ impl Metrics {
     }
 
     /// Replaces the lag gauges, so partitions no longer assigned disappear.
-    pub fn observe_lag(&self, lag: &[((String, i32), i64)]) {
+    pub fn observe_lag(&self, consumers: &[(&str, Vec<PartitionLag>)]) {
         self.consumer_lag.reset();
-        for ((topic, partition), value) in lag {
-            self.consumer_lag
-                .with_label_values(&[topic, &partition.to_string()])
-                .set(*value);
+        for (consumer, lag) in consumers {
+            for ((topic, partition), value) in lag {
+                self.consumer_lag
+                    .with_label_values(&[*consumer, topic.as_str(), &partition.to_string()])
+                    .set(*value);
+            }
         }
     }
 

@@ -216,7 +216,12 @@ pub fn round2(x: f64) -> f64 {
 /// `persistenceStatus` values of the result event.
 pub mod status {
     pub const SUCCESS: &str = "success";
+    /// Not persisted and not routed (kept for consumers of older events; no longer emitted).
     pub const FAILED: &str = "failed";
+    /// Forwarded to a delayed retry tier; `routing` says which and when it is due.
+    pub const RETRY_SCHEDULED: &str = "retry_scheduled";
+    /// Forwarded to the dead-letter topic; `error` says why.
+    pub const DEAD_LETTERED: &str = "dead_lettered";
 }
 
 /// The confirmation published on the results topic (schemas/persistence_result.avsc).
@@ -232,6 +237,21 @@ pub struct PersistenceResult {
     pub timestamp: String,
     pub persistence_metadata: Option<PersistenceMetadata>,
     pub error: Option<ResultError>,
+    /// Where a failed request went: a retry tier or the dead-letter topic.
+    #[serde(default)]
+    pub routing: Option<Routing>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Routing {
+    pub topic: String,
+    /// Tier name (`5m`, `30m`, `2h`); None for the dead-letter topic.
+    pub tier: Option<String>,
+    /// Failed attempts so far, this one included.
+    pub attempt: i32,
+    /// RFC 3339, UTC: when the tier hands the request back; None for the dead-letter topic.
+    pub due_at: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

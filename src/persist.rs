@@ -278,6 +278,7 @@ fn confirmation(
             books_linked: books,
         }),
         error: None,
+        routing: None,
     }
 }
 
@@ -294,6 +295,7 @@ fn from_ledger(confirmation: Json, request_id: &str) -> PersistenceResult {
             timestamp: chrono::Utc::now().to_rfc3339(),
             persistence_metadata: None,
             error: None,
+            routing: None,
         }
     })
 }

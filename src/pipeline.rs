@@ -1,18 +1,25 @@
-//! The single place that decides a message's outcome: decode → validate → persist → result event.
+//! The single place that decides a message's outcome: park (per-key order) → decode → validate
+//! → persist, or route to a retry tier / the dead-letter topic → result event.
 
+use std::collections::HashSet;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::message::{Message, OwnedMessage};
+use chrono::Utc;
+use rdkafka::message::OwnedMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::classify::{Disposition, Failure};
 use crate::decode::{DecodeError, Decoder};
+use crate::envelope::{format_time, Envelope, Origin};
 use crate::metrics::{outcome, Metrics};
-use crate::model::{status, PersistenceRequest, PersistenceResult, ResultError};
+use crate::model::{status, PersistenceRequest, PersistenceResult, ResultError, Routing};
+use crate::park::{self, Gate};
 use crate::persist::{Persisted, Persister, Source};
 use crate::results::{PendingResult, ResultPublisher};
+use crate::route::{Destination, Router};
 
 /// What the consumer may do with the message's offset.
 pub enum Handled {
@@ -24,12 +31,26 @@ pub enum Handled {
     Abandoned,
 }
 
+/// How processing a request ended.
+enum Settled {
+    Persisted(PersistenceResult),
+    /// Forwarded, and acknowledged by the broker.
+    Routed(PersistenceResult, Destination),
+    /// Shutdown or a fatal error came first: nothing durable happened.
+    Abandoned,
+}
+
 pub struct Pipeline {
     pub decoder: Decoder,
     pub persister: Persister,
     pub results: ResultPublisher,
+    pub router: Router,
     pub metrics: Arc<Metrics>,
     pub max_message_bytes: usize,
+    /// Keep a key's requests in order while one waits in a retry tier.
+    pub order_by_key: bool,
+    /// Origin headers naming any other topic are ignored (they would name topics and labels).
+    pub input_topics: HashSet<String>,
     /// Cancelled at shutdown; also cancelled by a fatal error, with `fatal` set.
     pub shutdown: CancellationToken,
     pub fatal: Arc<std::sync::OnceLock<String>>,
@@ -37,7 +58,8 @@ pub struct Pipeline {
     pub outage_waiters: AtomicUsize,
 }
 
-/// Backoff while holding a message for a dependency that is down (database, schema registry).
+/// Backoff while holding a message for a dependency that is down (database, schema registry,
+/// the brokers taking a forwarded message).
 const FIRST_HOLD: Duration = Duration::from_millis(200);
 const MAX_HOLD: Duration = Duration::from_secs(30);
 
@@ -51,46 +73,197 @@ pub fn derived_request_id(source: &Source) -> String {
 
 impl Pipeline {
     pub async fn handle(&self, msg: &OwnedMessage) -> Handled {
-        let source = Source {
-            topic: msg.topic().to_string(),
-            partition: msg.partition(),
-            offset: msg.offset(),
-        };
+        let env = self.envelope(msg);
         self.metrics
             .messages_consumed
-            .with_label_values(&[&source.topic])
+            .with_label_values(&[&env.topic])
             .inc();
-        let (request_id, user_id, outcome) = self.process(msg.payload(), &source).await;
-        let result = match outcome {
-            Ok(persisted) => self.succeeded(&source, persisted),
-            Err(f) if f.disposition == Disposition::Fatal => {
-                tracing::error!(class = f.class, code = %f.code, error = %f.message, "fatal error: stopping");
-                let _ = self.fatal.set(format!("{}: {}", f.code, f.message));
-                self.shutdown.cancel();
-                return Handled::Abandoned;
+        if self.order_by_key && env.attempt == 0 && env.key.is_some() {
+            match self
+                .db("park", || park::gate(self.persister.pool(), &env))
+                .await
+            {
+                None => return Handled::Abandoned,
+                Some(Gate::Free) => {}
+                Some(Gate::Head) => {
+                    tracing::info!(topic = %env.topic, partition = env.partition, offset = env.offset,
+                        "already routed to a retry tier before a restart");
+                    return Handled::Done(None);
+                }
+                Some(Gate::Parked) => {
+                    self.parked(&env);
+                    return Handled::Done(None);
+                }
             }
-            Err(f) if f.disposition == Disposition::Outage => return Handled::Abandoned,
-            Err(f) => self.failed(&source, request_id, user_id, f),
+        }
+        let result = match self.settle(&env).await {
+            Settled::Abandoned => return Handled::Abandoned,
+            Settled::Persisted(r) => r,
+            Settled::Routed(r, dest) => {
+                let head_done = matches!(dest, Destination::DeadLetter { .. });
+                if head_done && !self.release_if_head(&env).await {
+                    return Handled::Abandoned;
+                }
+                self.observe_latency(&env, &r);
+                return Handled::Done(self.results.publish(&r).await);
+            }
         };
-        if let Some(ts) = msg.timestamp().to_millis() {
-            let age = (chrono::Utc::now().timestamp_millis() - ts).max(0) as f64 / 1000.0;
-            let label = self.outcome_label(&result);
+        // A head's outcome is final: the requests parked behind it go next, before its commit.
+        if !self.release_if_head(&env).await {
+            return Handled::Abandoned;
+        }
+        self.observe_latency(&env, &result);
+        Handled::Done(self.results.publish(&result).await)
+    }
+
+    /// The message with its retry state; origin headers naming a topic we do not consume are
+    /// ignored.
+    fn envelope(&self, msg: &OwnedMessage) -> Envelope {
+        let mut env = Envelope::from_message(msg);
+        if !self.input_topics.contains(&env.origin.topic) {
+            env.origin = Origin {
+                topic: env.topic.clone(),
+                partition: env.partition,
+                offset: env.offset,
+                timestamp_ms: env.timestamp_ms,
+            };
+        }
+        env
+    }
+
+    fn observe_latency(&self, env: &Envelope, result: &PersistenceResult) {
+        if let Some(ts) = env.origin.timestamp_ms {
+            let age = (Utc::now().timestamp_millis() - ts).max(0) as f64 / 1000.0;
             self.metrics
                 .end_to_end_latency
-                .with_label_values(&[label])
+                .with_label_values(&[outcome_label(result)])
                 .observe(age);
         }
-        Handled::Done(self.results.publish(&result).await)
+    }
+
+    /// Decodes and persists `env`, or forwards it when that failed.
+    async fn settle(&self, env: &Envelope) -> Settled {
+        let (request_id, user_id, outcome) = self.process(&env.payload, &env.source()).await;
+        match outcome {
+            Ok(persisted) => Settled::Persisted(self.succeeded(env, persisted)),
+            Err(f) if f.disposition == Disposition::Fatal => {
+                self.stop_fatal(&f);
+                Settled::Abandoned
+            }
+            Err(f) if f.disposition == Disposition::Outage => Settled::Abandoned,
+            Err(f) => self.route(env, request_id, user_id, f).await,
+        }
+    }
+
+    fn stop_fatal(&self, f: &Failure) {
+        tracing::error!(class = f.class, code = %f.code, error = %f.message, "fatal error: stopping");
+        let _ = self.fatal.set(format!("{}: {}", f.code, f.message));
+        self.shutdown.cancel();
+    }
+
+    /// Forwards a failed request to its next tier or the dead-letter topic and waits for the
+    /// broker's acknowledgement; while the brokers refuse it, the message is held.
+    async fn route(
+        &self,
+        env: &Envelope,
+        request_id: String,
+        user_id: Option<String>,
+        f: Failure,
+    ) -> Settled {
+        let now = Utc::now();
+        let dest = self.router.destination(env, &f, now);
+        let mut delay = FIRST_HOLD;
+        while let Err(e) = self.router.forward(env, &f, &dest, now).await {
+            tracing::warn!(topic = dest.topic(), error = %e, retry_in = ?delay, "cannot forward a failed message; holding it");
+            if !self.hold(&mut delay).await {
+                return Settled::Abandoned;
+            }
+        }
+        let tier = matches!(dest, Destination::Tier { .. });
+        if tier && self.order_by_key && env.attempt == 0 {
+            let parked = self.db("park", || park::park_head(self.persister.pool(), env));
+            if parked.await.is_none() {
+                return Settled::Abandoned;
+            }
+        }
+        let result = self.routed(env, request_id, user_id, &f, &dest);
+        Settled::Routed(result, dest)
+    }
+
+    /// Runs a database step of the parking protocol until it succeeds; None at shutdown or on a
+    /// fatal error.
+    async fn db<T, F, Fut>(&self, what: &str, mut op: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let mut delay = FIRST_HOLD;
+        loop {
+            let f = match op().await {
+                Ok(v) => return Some(v),
+                Err(f) => f,
+            };
+            if f.disposition == Disposition::Fatal {
+                self.stop_fatal(&f);
+                return None;
+            }
+            tracing::warn!(step = what, class = f.class, code = %f.code, error = %f.message, "parking step failed; retrying");
+            let waited = match f.waits_for_database() {
+                true => self.wait_for_database().await,
+                false => self.hold(&mut delay).await,
+            };
+            if !waited {
+                return None;
+            }
+        }
+    }
+
+    /// If `head` is the request its key's parked followers wait for, settles them in arrival
+    /// order until one goes to a retry tier (it becomes the new head) or none are left (the key
+    /// is released). False when shutdown interrupted it: the head must not be committed, so its
+    /// redelivery resumes the release.
+    async fn release_if_head(&self, head: &Envelope) -> bool {
+        if !self.order_by_key || head.attempt == 0 || head.key.is_none() {
+            return true;
+        }
+        let pool = self.persister.pool();
+        loop {
+            let Some(next) = self.db("release", || park::next_follower(pool, head)).await else {
+                return false;
+            };
+            let Some(follower) = next else {
+                return true;
+            };
+            let env = &follower.envelope;
+            let (result, promoted) = match Box::pin(self.settle(env)).await {
+                Settled::Abandoned => return false,
+                Settled::Persisted(r) => (r, false),
+                Settled::Routed(r, dest) => (r, matches!(dest, Destination::Tier { .. })),
+            };
+            let step = match promoted {
+                true => self.db("promote", || park::promote(pool, &follower)).await,
+                false => self.db("unpark", || park::finished(pool, &follower)).await,
+            };
+            if step.is_none() {
+                return false;
+            }
+            self.observe_latency(env, &result);
+            if let Some(pending) = self.results.publish(&result).await {
+                pending.delivered().await;
+            }
+            if promoted {
+                return true;
+            }
+        }
     }
 
     /// Returns the request id and user id (when the message got that far) with the outcome.
     async fn process(
         &self,
-        payload: Option<&[u8]>,
+        payload: &[u8],
         source: &Source,
     ) -> (String, Option<String>, Result<Persisted, Failure>) {
         let derived = derived_request_id(source);
-        let payload = payload.unwrap_or_default();
         if payload.len() > self.max_message_bytes {
             return (
                 derived,
@@ -199,7 +372,21 @@ impl Pipeline {
         )
     }
 
-    fn succeeded(&self, source: &Source, p: Persisted) -> PersistenceResult {
+    fn parked(&self, env: &Envelope) {
+        self.metrics
+            .outcomes
+            .with_label_values(&[&env.origin.topic, outcome::PARKED])
+            .inc();
+        tracing::info!(
+            action = "RECOMMENDATION_PARKED",
+            topic = %env.topic,
+            partition = env.partition,
+            offset = env.offset,
+            "an earlier request with this key waits in a retry tier; parked behind it",
+        );
+    }
+
+    fn succeeded(&self, env: &Envelope, p: Persisted) -> PersistenceResult {
         let label = if p.duplicate {
             outcome::DUPLICATE
         } else {
@@ -207,8 +394,22 @@ impl Pipeline {
         };
         self.metrics
             .outcomes
-            .with_label_values(&[&source.topic, label])
+            .with_label_values(&[&env.origin.topic, label])
             .inc();
+        if env.attempt > 0 {
+            let tiers = self.router.topology.tiers();
+            let tier = self
+                .router
+                .topology
+                .label((env.attempt as usize - 1).min(tiers - 1));
+            let since = env.first_failure.map_or(0.0, |t| {
+                (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+            });
+            self.metrics
+                .time_to_success
+                .with_label_values(&[&tier])
+                .observe(since);
+        }
         let r = p.result;
         let meta = r.persistence_metadata.as_ref();
         tracing::info!(
@@ -220,35 +421,79 @@ impl Pipeline {
             transactionId = meta.map(|m| m.transaction_id.as_str()).unwrap_or_default(),
             processingTime = meta.map(|m| m.persistence_time).unwrap_or_default(),
             attempts = p.attempts,
+            retryAttempt = env.attempt,
             status = %r.persistence_status,
         );
         r
     }
 
-    fn failed(
+    fn routed(
         &self,
-        source: &Source,
+        env: &Envelope,
         request_id: String,
         user_id: Option<String>,
-        f: Failure,
+        f: &Failure,
+        dest: &Destination,
     ) -> PersistenceResult {
+        let attempt = env.attempt as i32 + 1;
+        let (label, st, action, routing) = match dest {
+            Destination::Tier {
+                label, topic, due, ..
+            } => {
+                self.metrics.retry_routed.with_label_values(&[label]).inc();
+                let routing = Routing {
+                    topic: topic.clone(),
+                    tier: Some(label.clone()),
+                    attempt,
+                    due_at: Some(format_time(*due)),
+                };
+                (
+                    outcome::RETRY_SCHEDULED,
+                    status::RETRY_SCHEDULED,
+                    "RECOMMENDATION_RETRY_SCHEDULED",
+                    routing,
+                )
+            }
+            Destination::DeadLetter { topic } => {
+                self.metrics
+                    .dead_letters
+                    .with_label_values(&[f.class])
+                    .inc();
+                let routing = Routing {
+                    topic: topic.clone(),
+                    tier: None,
+                    attempt,
+                    due_at: None,
+                };
+                (
+                    outcome::DEAD_LETTERED,
+                    status::DEAD_LETTERED,
+                    "RECOMMENDATION_DEAD_LETTERED",
+                    routing,
+                )
+            }
+        };
         self.metrics
             .outcomes
-            .with_label_values(&[&source.topic, outcome::FAILED])
+            .with_label_values(&[&env.origin.topic, label])
             .inc();
         self.metrics.failures.with_label_values(&[f.class]).inc();
         tracing::warn!(
-            action = "RECOMMENDATION_FAILED",
+            action,
             requestId = %request_id,
             userId = user_id.as_deref().unwrap_or_default(),
-            topic = %source.topic,
-            partition = source.partition,
-            offset = source.offset,
+            topic = %env.topic,
+            partition = env.partition,
+            offset = env.offset,
             class = f.class,
             code = %f.code,
             disposition = ?f.disposition,
             error = %f.message,
-            status = status::FAILED,
+            routedTo = routing.topic,
+            tier = routing.tier.as_deref().unwrap_or_default(),
+            dueAt = routing.due_at.as_deref().unwrap_or_default(),
+            attempt,
+            status = st,
         );
         PersistenceResult {
             request_id,
@@ -256,22 +501,25 @@ impl Pipeline {
             recommendation_id: None,
             context_id: None,
             book_count: 0,
-            persistence_status: status::FAILED.to_string(),
-            timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            persistence_status: st.to_string(),
+            timestamp: format_time(Utc::now()),
             persistence_metadata: None,
             error: Some(ResultError {
                 class: f.class.to_string(),
-                code: f.code,
+                code: f.code.clone(),
                 message: truncate(&f.message, 512),
             }),
+            routing: Some(routing),
         }
     }
+}
 
-    fn outcome_label(&self, r: &PersistenceResult) -> &'static str {
-        match r.persistence_status.as_str() {
-            status::SUCCESS => outcome::PERSISTED,
-            _ => outcome::FAILED,
-        }
+fn outcome_label(r: &PersistenceResult) -> &'static str {
+    match r.persistence_status.as_str() {
+        status::SUCCESS => outcome::PERSISTED,
+        status::RETRY_SCHEDULED => outcome::RETRY_SCHEDULED,
+        status::DEAD_LETTERED => outcome::DEAD_LETTERED,
+        _ => outcome::FAILED,
     }
 }
 

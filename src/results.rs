@@ -23,16 +23,27 @@ pub struct ResultPublisher {
 /// Producer settings for every record the agent writes: nothing is acknowledged until all
 /// in-sync replicas have it, and retries never duplicate or reorder.
 pub fn producer(kafka: &KafkaArgs) -> anyhow::Result<FutureProducer> {
-    let defaults = [
+    producer_with(kafka, &[])
+}
+
+/// `producer` with further defaults (still overridable by the pass-through).
+pub fn producer_with(kafka: &KafkaArgs, extra: &[(&str, &str)]) -> anyhow::Result<FutureProducer> {
+    let mut defaults = vec![
         ("acks", "all"),
         ("enable.idempotence", "true"),
         ("linger.ms", "5"),
         ("message.timeout.ms", "30000"),
     ];
+    defaults.extend_from_slice(extra);
     Ok(kafka
         .client_config(ClientRole::Producer, &defaults)?
         .create()?)
 }
+
+/// Forwarded failures are few, and a retry consumer seeks back to each one: one record per
+/// batch keeps every record individually fetchable (brokers such as tansu return nothing for
+/// a fetch that starts inside a batch).
+pub const ROUTE_PRODUCER: &[(&str, &str)] = &[("batch.num.messages", "1"), ("linger.ms", "0")];
 
 impl ResultPublisher {
     pub fn new(

@@ -42,7 +42,7 @@ async fn metrics_count_a_known_mix_of_outcomes_exactly() {
 
     // Lag comes from librdkafka statistics: wait for a report after the last message.
     let t = env.topic.as_str();
-    let lag = [("topic", t), ("partition", "0")];
+    let lag = [("consumer", "main"), ("topic", t), ("partition", "0")];
     wait_for("consumer lag reported", 30, async || {
         sample(
             &http_get(&format!("{url}/metrics")).await.1,
@@ -75,9 +75,16 @@ async fn metrics_count_a_known_mix_of_outcomes_exactly() {
     assert_eq!(
         m(
             "persistence_agent_outcomes_total",
-            &[("topic", t), ("outcome", "failed")]
+            &[("topic", t), ("outcome", "dead_lettered")]
         ),
         Some(2.0)
+    );
+    assert_eq!(
+        m(
+            "persistence_agent_dead_letters_total",
+            &[("class", "validation")]
+        ),
+        Some(1.0)
     );
     assert_eq!(
         m(
@@ -228,11 +235,13 @@ async fn readyz_flips_during_a_database_outage_and_nothing_is_lost() {
     let metrics = agent.metrics.clone();
     stop(agent).await;
     assert_eq!(metrics.outcome_count(&env.topic, "persisted"), 10);
-    assert_eq!(
-        metrics.outcome_count(&env.topic, "failed"),
-        0,
-        "an outage fails nothing"
-    );
+    for outcome in ["failed", "dead_lettered", "retry_scheduled"] {
+        assert_eq!(
+            metrics.outcome_count(&env.topic, outcome),
+            0,
+            "an outage routes nothing ({outcome})"
+        );
+    }
     assert_eq!(env.committed(0), Some(10));
 }
 
@@ -272,11 +281,13 @@ async fn unreachable_database_holds_messages_and_commits_nothing() {
     .await;
     let metrics = agent.metrics.clone();
     stop(agent).await;
-    assert_eq!(
-        metrics.outcome_count(&env.topic, "failed"),
-        0,
-        "nothing reported failed"
-    );
+    for outcome in ["failed", "dead_lettered", "retry_scheduled"] {
+        assert_eq!(
+            metrics.outcome_count(&env.topic, outcome),
+            0,
+            "nothing routed ({outcome})"
+        );
+    }
     assert_eq!(
         env.committed(0),
         None,

@@ -101,7 +101,7 @@ async fn reads_confluent_avro_from_a_newer_writer_schema_through_the_registry() 
             ("reg-2", "success")
         ]
     );
-    assert_eq!(statuses[3].1, "failed");
+    assert_eq!(statuses[3].1, "dead_lettered");
     assert_eq!(results[3].error.as_ref().unwrap().code, "unknown_schema_id");
     assert_eq!(env.count("SELECT count(*) FROM recommendation").await, 3);
     assert_eq!(
@@ -133,7 +133,7 @@ async fn holds_messages_while_the_registry_is_down_and_persists_them_after() {
     })
     .await;
     assert_eq!(
-        agent.metrics.outcome_count(&env.topic, "failed"),
+        agent.metrics.outcome_count(&env.topic, "dead_lettered"),
         0,
         "a registry outage fails nothing"
     );

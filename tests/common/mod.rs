@@ -563,3 +563,87 @@ pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
             (n == name && got == want).then(|| value.parse().unwrap())
         })
 }
+
+/// A record as read back, with its headers (UTF-8) and timestamp.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub value: Vec<u8>,
+    pub headers: std::collections::HashMap<String, String>,
+    pub timestamp_ms: i64,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("header {name} missing: {:?}", self.headers))
+    }
+}
+
+/// Everything in every partition of `topic` right now (waits up to `timeout` for `at_least`).
+pub fn records(brokers: &str, topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
+    use rdkafka::message::Headers;
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut quiet_since = Instant::now();
+    loop {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                quiet_since = Instant::now();
+                let headers = m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| {
+                                let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                                (h.key.to_string(), v.unwrap_or_default())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                    timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+                });
+            }
+            _ if out.len() >= at_least && quiet_since.elapsed() > Duration::from_secs(1) => {
+                return out;
+            }
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "read {} of at least {at_least} records from {topic}",
+            out.len()
+        );
+    }
+}
+
+impl Env {
+    pub fn records(&self, topic: &str, at_least: usize, secs: u64) -> Vec<Record> {
+        records(&self.brokers, topic, at_least, Duration::from_secs(secs))
+    }
+
+    pub fn tier_topic(&self, label: &str) -> String {
+        format!("{}.retry.{label}", self.topic)
+    }
+
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.topic)
+    }
+}

@@ -1,0 +1,196 @@
+//! A consumed message with its retry state: where it first came from, how often it failed and
+//! since when. Read from the `pa.*` headers a retry hop or a replay wrote.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+
+use crate::persist::Source;
+
+/// Header names written on forwarded messages; values are UTF-8 strings.
+pub mod header {
+    pub const PREFIX: &str = "pa.";
+    pub const ATTEMPT: &str = "pa.attempt";
+    pub const ORIGINAL_TOPIC: &str = "pa.original.topic";
+    pub const ORIGINAL_PARTITION: &str = "pa.original.partition";
+    pub const ORIGINAL_OFFSET: &str = "pa.original.offset";
+    pub const ORIGINAL_TIMESTAMP: &str = "pa.original.timestamp";
+    pub const FIRST_FAILURE: &str = "pa.first-failure";
+    pub const DUE: &str = "pa.due";
+    pub const ERROR_CLASS: &str = "pa.error.class";
+    pub const ERROR_CODE: &str = "pa.error.code";
+    pub const ERROR_MESSAGE: &str = "pa.error.message";
+    pub const CONSUMER_GROUP: &str = "pa.consumer-group";
+    pub const AGENT_VERSION: &str = "pa.agent-version";
+    pub const REPLAYED_FROM: &str = "pa.replayed-from";
+
+    /// Written once, on the first hop, and kept on every later one (and on replay).
+    pub fn is_origin(name: &str) -> bool {
+        name.starts_with("pa.original.") || name == FIRST_FAILURE || name == REPLAYED_FROM
+    }
+}
+
+pub type RawHeaders = Vec<(String, Option<Vec<u8>>)>;
+
+/// Where a message was first published, before any retry hop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Where this copy was consumed.
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: RawHeaders,
+    pub timestamp_ms: Option<i64>,
+    pub origin: Origin,
+    /// Failed processing attempts so far that were routed to a tier (0: fresh).
+    pub attempt: u32,
+    pub first_failure: Option<DateTime<Utc>>,
+}
+
+impl Envelope {
+    pub fn from_message(m: &OwnedMessage) -> Envelope {
+        let headers: RawHeaders = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Envelope::new(
+            (m.topic().to_string(), m.partition(), m.offset()),
+            m.key().map(<[u8]>::to_vec),
+            m.payload().unwrap_or_default().to_vec(),
+            headers,
+            m.timestamp().to_millis(),
+        )
+    }
+
+    /// `at` is (topic, partition, offset) where this copy was read.
+    pub fn new(
+        at: (String, i32, i64),
+        key: Option<Vec<u8>>,
+        payload: Vec<u8>,
+        headers: RawHeaders,
+        timestamp_ms: Option<i64>,
+    ) -> Envelope {
+        let (topic, partition, offset) = at;
+        let get = |name: &str| header_str(&headers, name);
+        let origin = match (
+            get(header::ORIGINAL_TOPIC),
+            get(header::ORIGINAL_PARTITION).and_then(|p| p.parse().ok()),
+            get(header::ORIGINAL_OFFSET).and_then(|o| o.parse().ok()),
+        ) {
+            (Some(t), Some(p), Some(o)) => Origin {
+                topic: t.to_string(),
+                partition: p,
+                offset: o,
+                timestamp_ms: get(header::ORIGINAL_TIMESTAMP)
+                    .and_then(parse_time)
+                    .map(|t| t.timestamp_millis()),
+            },
+            _ => Origin {
+                topic: topic.clone(),
+                partition,
+                offset,
+                timestamp_ms,
+            },
+        };
+        let attempt = get(header::ATTEMPT)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0);
+        let first_failure = get(header::FIRST_FAILURE).and_then(parse_time);
+        Envelope {
+            topic,
+            partition,
+            offset,
+            key,
+            payload,
+            headers,
+            timestamp_ms,
+            origin,
+            attempt,
+            first_failure,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header_str(&self.headers, name)
+    }
+
+    /// The ledger's record of where the request came from: its origin, so every retry hop of
+    /// a request without `metadata.requestId` derives the same request id.
+    pub fn source(&self) -> Source {
+        Source {
+            topic: self.origin.topic.clone(),
+            partition: self.origin.partition,
+            offset: self.origin.offset,
+        }
+    }
+}
+
+/// The last value of header `name`, when it is UTF-8.
+pub fn header_str<'a>(headers: &'a RawHeaders, name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| v.as_deref())
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+pub fn from_millis(ms: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_comes_from_headers_after_a_hop() {
+        let h = |k: &str, v: &str| (k.to_string(), Some(v.as_bytes().to_vec()));
+        let fresh = Envelope::new(("in".into(), 2, 40), None, vec![], vec![], Some(1000));
+        assert_eq!(
+            (fresh.origin.topic.as_str(), fresh.origin.offset),
+            ("in", 40)
+        );
+        assert_eq!(fresh.attempt, 0);
+        let hop = Envelope::new(
+            ("in.retry.5m".into(), 0, 7),
+            None,
+            vec![],
+            vec![
+                h(header::ORIGINAL_TOPIC, "in"),
+                h(header::ORIGINAL_PARTITION, "2"),
+                h(header::ORIGINAL_OFFSET, "40"),
+                h(header::ATTEMPT, "1"),
+                h(header::FIRST_FAILURE, "2026-01-01T00:00:00.000Z"),
+            ],
+            Some(2000),
+        );
+        assert_eq!(hop.source().topic, "in");
+        assert_eq!((hop.source().partition, hop.source().offset), (2, 40));
+        assert_eq!(hop.attempt, 1);
+        assert!(hop.first_failure.is_some());
+    }
+}

@@ -1,0 +1,286 @@
+//! Route stage: forwards a failed message to its next delayed retry tier or to the dead-letter
+//! topic, with the original key, value and headers plus `pa.*` headers, and waits for the
+//! broker's acknowledgement (acks=all, idempotent producer) before the caller may commit.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::classify::{Disposition, Failure};
+use crate::config::RetryArgs;
+use crate::envelope::{format_time, header, Envelope};
+use crate::pipeline::truncate;
+
+/// Longest `pa.error.message`, in characters.
+pub const MAX_ERROR_HEADER_CHARS: usize = 500;
+
+/// Names of the retry-tier and dead-letter topics.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    delays: Vec<Duration>,
+    retry_override: Vec<String>,
+    dlq_override: Option<String>,
+}
+
+/// `5m`, `30m`, `2h`, `10s`, `1500ms`: the tier's name in topics and metric labels.
+pub fn tier_label(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        _ if ms > 0 && ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms > 0 && ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+impl Topology {
+    pub fn new(args: &RetryArgs) -> anyhow::Result<Topology> {
+        let retry_override: Vec<String> = args
+            .retry_topics
+            .iter()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        anyhow::ensure!(
+            retry_override.is_empty() || retry_override.len() == args.retry_delays.0.len(),
+            "RETRY_TOPICS names {} topics but RETRY_DELAYS has {} tiers",
+            retry_override.len(),
+            args.retry_delays.0.len()
+        );
+        Ok(Topology {
+            delays: args.retry_delays.0.clone(),
+            retry_override,
+            dlq_override: args.dlq_topic.clone().filter(|t| !t.trim().is_empty()),
+        })
+    }
+
+    pub fn tiers(&self) -> usize {
+        self.delays.len()
+    }
+
+    pub fn delay(&self, tier: usize) -> Duration {
+        self.delays[tier]
+    }
+
+    pub fn label(&self, tier: usize) -> String {
+        tier_label(self.delays[tier])
+    }
+
+    pub fn tier_topic(&self, original: &str, tier: usize) -> String {
+        match self.retry_override.get(tier) {
+            Some(t) => t.clone(),
+            None => format!("{original}.retry.{}", self.label(tier)),
+        }
+    }
+
+    pub fn dlq_topic(&self, original: &str) -> String {
+        match &self.dlq_override {
+            Some(t) => t.clone(),
+            None => format!("{original}.dlq"),
+        }
+    }
+
+    /// Every tier topic of `inputs`, with its delay (deduplicated: overrides are shared).
+    pub fn retry_topics(&self, inputs: &[String]) -> Vec<(String, Duration)> {
+        let mut out: Vec<(String, Duration)> = Vec::new();
+        for input in inputs {
+            for tier in 0..self.tiers() {
+                let t = self.tier_topic(input, tier);
+                if !out.iter().any(|(o, _)| *o == t) {
+                    out.push((t, self.delay(tier)));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn dlq_topics(&self, inputs: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = inputs.iter().map(|i| self.dlq_topic(i)).collect();
+        out.dedup();
+        out
+    }
+}
+
+/// Where a failed message goes next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Tier {
+        index: usize,
+        label: String,
+        topic: String,
+        due: DateTime<Utc>,
+    },
+    DeadLetter {
+        topic: String,
+    },
+}
+
+impl Destination {
+    pub fn topic(&self) -> &str {
+        match self {
+            Destination::Tier { topic, .. } | Destination::DeadLetter { topic } => topic,
+        }
+    }
+}
+
+pub struct Router {
+    producer: FutureProducer,
+    pub topology: Topology,
+    group: String,
+    give_up_after: Duration,
+}
+
+impl Router {
+    pub fn new(
+        producer: FutureProducer,
+        topology: Topology,
+        group: String,
+        give_up_after: Duration,
+    ) -> Self {
+        Self {
+            producer,
+            topology,
+            group,
+            give_up_after,
+        }
+    }
+
+    /// The next tier, or the dead-letter topic when the failure will not heal, the tiers are
+    /// spent, or the first failure is older than `GIVE_UP_AFTER`.
+    pub fn destination(&self, env: &Envelope, f: &Failure, now: DateTime<Utc>) -> Destination {
+        let original = &env.origin.topic;
+        let next = env.attempt as usize;
+        let given_up = env.first_failure.is_some_and(|first| {
+            now - first
+                > chrono::Duration::from_std(self.give_up_after).unwrap_or(chrono::Duration::MAX)
+        });
+        if f.disposition == Disposition::DeadLetter || next >= self.topology.tiers() || given_up {
+            return Destination::DeadLetter {
+                topic: self.topology.dlq_topic(original),
+            };
+        }
+        let delay = self.topology.delay(next);
+        Destination::Tier {
+            index: next,
+            label: self.topology.label(next),
+            topic: self.topology.tier_topic(original, next),
+            due: now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX),
+        }
+    }
+
+    /// The forwarded headers: the message's own, origin headers kept from earlier hops (or
+    /// written now), retry state and error headers replaced.
+    pub fn headers(
+        &self,
+        env: &Envelope,
+        f: &Failure,
+        dest: &Destination,
+        now: DateTime<Utc>,
+    ) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut set = |k: &str, v: String| out.push((k.to_string(), v));
+        if env.header(header::ORIGINAL_TOPIC).is_none() {
+            let o = &env.origin;
+            set(header::ORIGINAL_TOPIC, o.topic.clone());
+            set(header::ORIGINAL_PARTITION, o.partition.to_string());
+            set(header::ORIGINAL_OFFSET, o.offset.to_string());
+            if let Some(ts) = o.timestamp_ms.and_then(crate::envelope::from_millis) {
+                set(header::ORIGINAL_TIMESTAMP, format_time(ts));
+            }
+        }
+        if env.first_failure.is_none() {
+            set(header::FIRST_FAILURE, format_time(now));
+        }
+        set(header::ATTEMPT, (env.attempt + 1).to_string());
+        if let Destination::Tier { due, .. } = dest {
+            set(header::DUE, format_time(*due));
+        }
+        set(header::ERROR_CLASS, f.class.to_string());
+        set(header::ERROR_CODE, f.code.clone());
+        set(
+            header::ERROR_MESSAGE,
+            truncate(&f.message, MAX_ERROR_HEADER_CHARS),
+        );
+        set(header::CONSUMER_GROUP, self.group.clone());
+        set(header::AGENT_VERSION, crate::VERSION.to_string());
+        out
+    }
+
+    /// Produces the forwarded copy and waits for the broker's acknowledgement.
+    pub async fn forward(
+        &self,
+        env: &Envelope,
+        f: &Failure,
+        dest: &Destination,
+        now: DateTime<Utc>,
+    ) -> Result<(), KafkaError> {
+        let ours = self.headers(env, f, dest, now);
+        let mut hs = OwnedHeaders::new_with_capacity(env.headers.len() + ours.len());
+        // The message's own headers travel unchanged; earlier `pa.*` retry state is replaced.
+        for (k, v) in &env.headers {
+            if !k.starts_with(header::PREFIX) || header::is_origin(k) {
+                hs = hs.insert(Header {
+                    key: k,
+                    value: v.as_deref(),
+                });
+            }
+        }
+        for (k, v) in &ours {
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(dest.topic())
+            .payload(env.payload.as_slice())
+            .headers(hs)
+            // The time it entered the tier: a new owner computes the same due time from it.
+            .timestamp(now.timestamp_millis());
+        if let Some(k) = &env.key {
+            record = record.key(k.as_slice());
+        }
+        send_acked(&self.producer, record).await
+    }
+}
+
+/// Sends one record and waits for its acknowledgement, waiting out a full local queue.
+pub async fn send_acked(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => {
+                return match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(KafkaError::Canceled),
+                }
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_tiers_after_their_delays() {
+        let labels: Vec<String> = [300, 1800, 7200, 2]
+            .iter()
+            .map(|s| tier_label(Duration::from_secs(*s)))
+            .collect();
+        assert_eq!(labels, ["5m", "30m", "2h", "2s"]);
+        assert_eq!(tier_label(Duration::from_millis(1500)), "1500ms");
+    }
+}
