@@ -44,6 +44,12 @@ enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Exit 0 when the agent at `--url` answers 200: a container health check that needs no
+    /// shell or curl in the image.
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:8080/readyz")]
+        url: String,
+    },
     /// Create topics (existing ones are left alone).
     Topics {
         #[command(flatten)]
@@ -105,6 +111,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Produce(args) => produce::run(args).await,
         Command::Dlq { command } => dlq::run(command).await,
+        Command::Health { url } => health(&url).await,
         Command::Topics {
             kafka,
             partitions,
@@ -135,6 +142,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::error!(error = %e, "http server failed");
     }
     outcome
+}
+
+async fn health(url: &str) -> anyhow::Result<()> {
+    let resp = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?
+        .get(url)
+        .send()
+        .await?;
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "{url}: {status} {}", body.trim());
+    println!("{}", body.trim());
+    Ok(())
 }
 
 async fn wait_for_signal() {

@@ -19,6 +19,23 @@ pub enum WireFormat {
     AvroConfluent,
     /// Avro single-object encoding: 0xC3 0x01, 8-byte fingerprint, Avro binary.
     AvroSingle,
+    /// Each message in turn: json, avro-confluent, avro-single.
+    Mixed,
+}
+
+impl WireFormat {
+    /// The concrete encoding of message number `i`.
+    fn of(self, i: u64) -> WireFormat {
+        const ALL: [WireFormat; 3] = [
+            WireFormat::Json,
+            WireFormat::AvroConfluent,
+            WireFormat::AvroSingle,
+        ];
+        match self {
+            WireFormat::Mixed => ALL[(i % 3) as usize],
+            f => f,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -41,9 +58,20 @@ pub struct ProduceArgs {
     #[arg(long)]
     pub sample: bool,
 
-    /// How many messages (sample mode: default 10; files: every request once).
+    /// How many messages (sample mode: default 10; files: every request once); 0 runs until
+    /// stopped.
     #[arg(long)]
     pub count: Option<u64>,
+
+    /// Fraction (0..1) of messages that re-publish an earlier request: duplicates the agent
+    /// must recognise.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicate_ratio: f64,
+
+    /// Fraction (0..1) of poison messages: undecodable bytes, an out-of-range score, or a book
+    /// missing from the catalogue (which walks the retry tiers).
+    #[arg(long, default_value_t = 0.0)]
+    pub poison_ratio: f64,
 
     /// Messages per second; 0 publishes as fast as the broker accepts.
     #[arg(long, default_value_t = 0.0)]
@@ -150,7 +178,9 @@ pub fn encode_avro(
     match format {
         WireFormat::AvroConfluent => crate::decode::confluent(schema, schema_id, value),
         WireFormat::AvroSingle => crate::decode::single_object(schema, value),
-        WireFormat::Json => Ok(serde_json::to_vec(&serde_json::Value::try_from(value)?)?),
+        WireFormat::Json | WireFormat::Mixed => {
+            Ok(serde_json::to_vec(&serde_json::Value::try_from(value)?)?)
+        }
     }
 }
 
@@ -181,6 +211,23 @@ fn read_requests(files: &[PathBuf]) -> anyhow::Result<Vec<PersistenceRequest>> {
     Ok(out)
 }
 
+/// A poison message of one of three kinds, keyed by a user.
+fn poison(rng: &mut fastrand::Rng, seq: u64) -> (String, Vec<u8>) {
+    let mut req = sample_request(rng, seq);
+    let payload = match seq % 3 {
+        0 => b"\x01not a request".to_vec(),
+        1 => {
+            req.justified_books[0].score = 7.5;
+            serde_json::to_vec(&req).expect("requests serialize")
+        }
+        _ => {
+            req.justified_books[0].book_id = format!("book-missing-{}", rng.u32(..1000));
+            serde_json::to_vec(&req).expect("requests serialize")
+        }
+    };
+    (req.user_id, payload)
+}
+
 pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
     let producer: FutureProducer = crate::results::producer(&args.kafka)?;
     let requests = if args.sample {
@@ -197,21 +244,38 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
     } else {
         requests.len() as u64
     });
+    let forever = count == 0;
     let mut rng = fastrand::Rng::new();
     let started = Instant::now();
-    let mut pending = Vec::new();
-    for i in 0..count {
-        let req = match args.sample {
-            true => sample_request(&mut rng, i),
-            false => requests[(i as usize) % requests.len()].clone(),
+    let mut pending = std::collections::VecDeque::new();
+    let mut recent: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut i = 0;
+    while forever || i < count {
+        let (key, payload) = if rng.f64() < args.poison_ratio {
+            poison(&mut rng, i)
+        } else if !recent.is_empty() && rng.f64() < args.duplicate_ratio {
+            recent[rng.usize(..recent.len())].clone()
+        } else {
+            let req = match args.sample {
+                true => sample_request(&mut rng, i),
+                false => requests[(i as usize) % requests.len()].clone(),
+            };
+            let payload = encode_request(&req, args.format.of(i), args.schema_id)?;
+            if recent.len() < 100 {
+                recent.push((req.user_id.clone(), payload.clone()));
+            }
+            (req.user_id, payload)
         };
-        let payload = encode_request(&req, args.format, args.schema_id)?;
-        let record = FutureRecord::to(&args.topic)
-            .key(&req.user_id)
-            .payload(&payload);
-        pending.push(producer.send_result(record).map_err(|(e, _)| e)?);
+        let record = FutureRecord::to(&args.topic).key(&key).payload(&payload);
+        pending.push_back(producer.send_result(record).map_err(|(e, _)| e)?);
+        // Bounded memory when publishing forever.
+        while pending.len() > 1000 {
+            let delivery = pending.pop_front().expect("non-empty");
+            delivery.await?.map_err(|(e, _)| e)?;
+        }
+        i += 1;
         if args.rate > 0.0 {
-            let due = started + Duration::from_secs_f64((i + 1) as f64 / args.rate);
+            let due = started + Duration::from_secs_f64(i as f64 / args.rate);
             tokio::time::sleep_until(due.into()).await;
         }
     }

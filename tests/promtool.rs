@@ -79,7 +79,8 @@ fn prometheus_config_scrapes_the_agent_and_loads_the_rules() {
     let config = read("prometheus/prometheus.yml");
     for needle in [
         "job_name: persistence-agent",
-        "agent:8080",
+        "names: ['agent']",
+        "port: 8080",
         "/etc/prometheus/rules.yml",
     ] {
         assert!(config.contains(needle), "prometheus.yml lacks `{needle}`");

