@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole pipeline locally without Docker: PostgreSQL (DATABASE_URL, or a throwaway
 # cluster), a Kafka-protocol broker (KAFKA_BROKERS, or tansu on 127.0.0.1:9092), migrations with
-# the sample catalogue, the agent, and sample traffic in all three encodings. The agent keeps
+# the sample catalogue, the agent, and sample traffic in all three encodings plus three poison
+# messages (two dead-lettered, one sent to the first retry tier). The agent keeps
 # running until Ctrl-C; with --once it stops after the sample traffic is persisted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,11 +36,13 @@ done
 $agent produce --topic "$KAFKA_INPUT_TOPICS" --sample --count 20 --format json
 $agent produce --topic "$KAFKA_INPUT_TOPICS" --sample --count 10 --format avro-confluent
 $agent produce --topic "$KAFKA_INPUT_TOPICS" --sample --count 10 --format avro-single
+# Poison: undecodable bytes and a score out of range (dead-lettered), an unknown book (retry tier).
+$agent produce --topic "$KAFKA_INPUT_TOPICS" --sample --count 3 --poison-ratio 1
 
 persisted() {
   curl -sf "http://$HTTP_ADDR/metrics" | awk '/^persistence_agent_outcomes_total/ {n += $2} END {print n + 0}'
 }
-for _ in $(seq 1 120); do [ "$(persisted)" -ge 40 ] && break; sleep 0.5; done
+for _ in $(seq 1 120); do [ "$(persisted)" -ge 43 ] && break; sleep 0.5; done
 echo
 echo "== outcomes (from http://$HTTP_ADDR/metrics)"
 curl -sf "http://$HTTP_ADDR/metrics" | grep '^persistence_agent_outcomes_total'
@@ -49,6 +52,8 @@ if command -v psql >/dev/null; then
     (SELECT count(*) FROM recommendation_book) AS books_linked,
     (SELECT count(*) FROM reader_context) AS readers, (SELECT count(*) FROM audit_log) AS audit_rows"
 fi
+echo "== dead letters"
+$agent dlq list
 if $once; then exit 0; fi
 echo "agent running (metrics: http://$HTTP_ADDR/metrics, database: $DATABASE_URL, brokers: $KAFKA_BROKERS); Ctrl-C stops it"
 wait $agent_pid
