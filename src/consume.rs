@@ -364,18 +364,23 @@ impl PollLoop {
         if gate.is_empty() {
             return;
         }
-        let due = gate.take_due(chrono::Utc::now());
+        let now = chrono::Utc::now();
+        let due = gate.take_due(now);
         let waiting = gate.len() as i64;
         self.shared.metrics.delayed_partitions.set(waiting);
         if due.is_empty() || self.paused {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        for (t, p) in &due {
+        for ((t, p), _) in &due {
             tpl.add_partition(t, *p);
         }
         if let Err(e) = self.consumer.resume(&tpl) {
+            // Still paused: try again on the next turn of the loop.
             tracing::warn!(error = %e, "resume of a due retry partition failed");
+            for (tp, offset) in due {
+                gate.wait(tp, offset, now);
+            }
         }
     }
 

@@ -11,14 +11,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{
     ClientRole, DatabaseArgs, KafkaArgs, RetryArgs, DEFAULT_GROUP_ID, DEFAULT_INPUT_TOPICS,
 };
-use crate::envelope::{format_time, header, parse_time};
+use crate::envelope::{format_time, header, parse_time, read_headers, RawHeaders};
 use crate::route::{send_acked, Topology};
 
 #[derive(Subcommand)]
@@ -138,13 +138,20 @@ struct DeadLetter {
 }
 
 impl DeadLetter {
+    fn headers(&self) -> RawHeaders {
+        self.msg
+            .headers()
+            .map(|hs| read_headers(hs.as_borrowed()))
+            .unwrap_or_default()
+    }
+
     fn header(&self, name: &str) -> Option<String> {
-        let hs = self.msg.headers()?;
-        hs.iter()
-            .filter(|h| h.key == name)
-            .last()
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
+        self.headers()
+            .into_iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v)
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
     }
 
     fn class(&self) -> String {
@@ -302,15 +309,13 @@ impl ReplayArgs {
 /// from; retry state (attempt, first failure, due time, error) starts afresh.
 fn replay_headers(d: &DeadLetter) -> OwnedHeaders {
     let mut hs = OwnedHeaders::new();
-    if let Some(src) = d.msg.headers() {
-        for h in src.iter() {
-            let keep = !h.key.starts_with(header::PREFIX) || h.key.starts_with("pa.original.");
-            if keep {
-                hs = hs.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                });
-            }
+    for (k, v) in d.headers() {
+        let keep = !k.starts_with(header::PREFIX) || k.starts_with("pa.original.");
+        if keep {
+            hs = hs.insert(Header {
+                key: &k,
+                value: v.as_deref(),
+            });
         }
     }
     let from = d.coordinates();

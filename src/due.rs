@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 
-use crate::envelope::{header, parse_time};
+use crate::envelope::{header, header_str, parse_time, read_headers};
 use crate::offsets::TopicPartition;
 
 pub struct DueGate {
@@ -29,13 +29,11 @@ impl DueGate {
     /// When `msg` is due: its `pa.due` header, else its timestamp (tier entry) plus the tier's
     /// delay, so any owner computes the same time. None when it has no timing at all.
     pub fn due_at(&self, msg: &OwnedMessage) -> Option<DateTime<Utc>> {
-        let from_header = msg.headers().and_then(|hs| {
-            hs.iter()
-                .filter(|h| h.key == header::DUE)
-                .last()
-                .and_then(|h| std::str::from_utf8(h.value?).ok())
-                .and_then(parse_time)
-        });
+        let headers = msg
+            .headers()
+            .map(|hs| read_headers(hs.as_borrowed()))
+            .unwrap_or_default();
+        let from_header = header_str(&headers, header::DUE).and_then(parse_time);
         from_header.or_else(|| {
             let entered = DateTime::from_timestamp_millis(msg.timestamp().to_millis()?)?;
             let delay = self.delays.get(msg.topic())?;
@@ -53,15 +51,15 @@ impl DueGate {
         self.waiting.insert(tp, (offset, due));
     }
 
-    /// Removes and returns the partitions whose message is now due.
-    pub fn take_due(&mut self, now: DateTime<Utc>) -> Vec<TopicPartition> {
-        let due: Vec<TopicPartition> = self
+    /// Removes and returns the partitions whose message is now due, with that message's offset.
+    pub fn take_due(&mut self, now: DateTime<Utc>) -> Vec<(TopicPartition, i64)> {
+        let due: Vec<(TopicPartition, i64)> = self
             .waiting
             .iter()
             .filter(|(_, (_, at))| *at <= now)
-            .map(|(tp, _)| tp.clone())
+            .map(|(tp, (offset, _))| (tp.clone(), *offset))
             .collect();
-        due.iter().for_each(|tp| {
+        due.iter().for_each(|(tp, _)| {
             self.waiting.remove(tp);
         });
         due

@@ -1,8 +1,10 @@
 //! A consumed message with its retry state: where it first came from, how often it failed and
 //! since when. Read from the `pa.*` headers a retry hop or a replay wrote.
 
+use std::ffi::CStr;
+
 use chrono::{DateTime, SecondsFormat, Utc};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{BorrowedHeaders, Headers, Message, OwnedMessage};
 
 use crate::persist::Source;
 
@@ -22,10 +24,12 @@ pub mod header {
     pub const CONSUMER_GROUP: &str = "pa.consumer-group";
     pub const AGENT_VERSION: &str = "pa.agent-version";
     pub const REPLAYED_FROM: &str = "pa.replayed-from";
+    /// On a dead letter whose value the topic refused (too large): why it was dropped.
+    pub const VALUE_DROPPED: &str = "pa.value-dropped";
 
-    /// Written once, on the first hop, and kept on every later one (and on replay).
-    pub fn is_origin(name: &str) -> bool {
-        name.starts_with("pa.original.") || name == FIRST_FAILURE || name == REPLAYED_FROM
+    /// Kept as they are on every hop (`pa.original.*` is rewritten from the checked origin).
+    pub fn is_kept(name: &str) -> bool {
+        name == FIRST_FAILURE || name == REPLAYED_FROM
     }
 }
 
@@ -58,13 +62,9 @@ pub struct Envelope {
 
 impl Envelope {
     pub fn from_message(m: &OwnedMessage) -> Envelope {
-        let headers: RawHeaders = m
+        let headers = m
             .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
+            .map(|hs| read_headers(hs.as_borrowed()))
             .unwrap_or_default();
         Envelope::new(
             (m.topic().to_string(), m.partition(), m.offset()),
@@ -136,6 +136,34 @@ impl Envelope {
             offset: self.origin.offset,
         }
     }
+}
+
+/// Every header as (name, value), in order. rdkafka's own iterator panics on a header name that
+/// is not UTF-8; a producer's mistake must not crash the agent, so names are read lossily here.
+pub fn read_headers(hs: &BorrowedHeaders) -> RawHeaders {
+    use rdkafka::bindings::{rd_kafka_header_get_all, rd_kafka_headers_t};
+    use rdkafka::types::RDKafkaRespErr;
+    // rdkafka's BorrowedHeaders is a view of the native header list: the same pointer.
+    let native = hs as *const BorrowedHeaders as *const rd_kafka_headers_t;
+    let mut out = Vec::with_capacity(hs.count());
+    for idx in 0..hs.count() {
+        let mut name = std::ptr::null();
+        let mut value = std::ptr::null();
+        let mut size = 0;
+        // SAFETY: `native` is the live list behind `hs` and idx < its count; the returned
+        // pointers stay valid while `hs` is borrowed, and are copied before it ends.
+        let err = unsafe { rd_kafka_header_get_all(native, idx, &mut name, &mut value, &mut size) };
+        if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            continue;
+        }
+        let name = unsafe { CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned();
+        let value = (!value.is_null())
+            .then(|| unsafe { std::slice::from_raw_parts(value as *const u8, size) }.to_vec());
+        out.push((name, value));
+    }
+    out
 }
 
 /// The last value of header `name`, when it is UTF-8.

@@ -17,13 +17,21 @@ pub struct ParkKey {
     pub key: Vec<u8>,
 }
 
+/// Longer keys are not parked: a B-tree index entry holds about 2.7 kB, and no real user id
+/// comes near this.
+pub const MAX_PARKED_KEY_BYTES: usize = 1024;
+
 impl ParkKey {
     /// Keyless messages are not parked: they have no per-key order to keep.
     pub fn of(env: &Envelope) -> Option<ParkKey> {
+        let key = env
+            .key
+            .clone()
+            .filter(|k| k.len() <= MAX_PARKED_KEY_BYTES)?;
         Some(ParkKey {
             topic: env.origin.topic.clone(),
             partition: env.origin.partition,
-            key: env.key.clone()?,
+            key,
         })
     }
 }
@@ -95,16 +103,26 @@ pub async fn gate(pool: &Pool, env: &Envelope) -> Result<Gate, Failure> {
 }
 
 /// Records `env` as its key's head after it was routed to a retry tier. A key already parked
-/// keeps its head: this request was a later hop of it, or a redelivered duplicate.
-pub async fn park_head(pool: &Pool, env: &Envelope) -> Result<(), Failure> {
+/// keeps its head: this request was a later hop of it, or a redelivered duplicate. A request the
+/// ledger already holds is not parked: its tier copy succeeded before this step ran (a stalled
+/// database and short tier delays), and nothing would ever release the key.
+pub async fn park_head(pool: &Pool, env: &Envelope, request_id: &str) -> Result<(), Failure> {
     let Some(k) = ParkKey::of(env) else {
         return Ok(());
     };
     let c = pool.get().await.map_err(|e| Failure::from(&e))?;
     c.execute(
-        "INSERT INTO parked_key (topic, partition, key, head_offset) VALUES ($1, $2, $3, $4)
+        "INSERT INTO parked_key (topic, partition, key, head_offset)
+         SELECT $1, $2, $3, $4
+         WHERE NOT EXISTS (SELECT 1 FROM processed_request WHERE request_id = $5)
          ON CONFLICT (topic, partition, key) DO NOTHING",
-        &[&k.topic, &k.partition, &k.key, &env.origin.offset],
+        &[
+            &k.topic,
+            &k.partition,
+            &k.key,
+            &env.origin.offset,
+            &request_id,
+        ],
     )
     .await?;
     Ok(())

@@ -19,7 +19,8 @@ use crate::model::{status, PersistenceRequest, PersistenceResult, ResultError, R
 use crate::park::{self, Gate};
 use crate::persist::{Persisted, Persister, Source};
 use crate::results::{PendingResult, ResultPublisher};
-use crate::route::{Destination, Router};
+use crate::route::{self, Destination, Router};
+use rdkafka::error::KafkaError;
 
 /// What the consumer may do with the message's offset.
 pub enum Handled {
@@ -84,12 +85,15 @@ impl Pipeline {
                 .await
             {
                 None => return Handled::Abandoned,
-                Some(Gate::Free) => {}
-                Some(Gate::Head) => {
+                // A replay of a request whose original still heads its key is processed.
+                Some(Gate::Head)
+                    if env.header(crate::envelope::header::REPLAYED_FROM).is_none() =>
+                {
                     tracing::info!(topic = %env.topic, partition = env.partition, offset = env.offset,
                         "already routed to a retry tier before a restart");
                     return Handled::Done(None);
                 }
+                Some(Gate::Free | Gate::Head) => {}
                 Some(Gate::Parked) => {
                     self.parked(&env);
                     return Handled::Done(None);
@@ -127,6 +131,12 @@ impl Pipeline {
                 offset: env.offset,
                 timestamp_ms: env.timestamp_ms,
             };
+        }
+        // On an input topic a request starts afresh (a replay, or a producer's stray headers);
+        // only the agent's own tier topics carry retry state.
+        if self.input_topics.contains(&env.topic) {
+            env.attempt = 0;
+            env.first_failure = None;
         }
         env
     }
@@ -171,9 +181,32 @@ impl Pipeline {
         f: Failure,
     ) -> Settled {
         let now = Utc::now();
-        let dest = self.router.destination(env, &f, now);
+        let mut dest = self.router.destination(env, &f, now);
         let mut delay = FIRST_HOLD;
-        while let Err(e) = self.router.forward(env, &f, &dest, now).await {
+        let mut refused: Option<KafkaError> = None;
+        loop {
+            let e = match self
+                .router
+                .forward(env, &f, &dest, now, refused.as_ref())
+                .await
+            {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            if route::is_permanent(&e) && refused.is_none() {
+                tracing::warn!(topic = dest.topic(), error = %e, "forwarded copy refused by the brokers");
+                match dest {
+                    // A tier refusing the record will refuse it every time: dead-letter it.
+                    Destination::Tier { .. } => {
+                        dest = Destination::DeadLetter {
+                            topic: self.router.topology.dlq_topic(&env.origin.topic),
+                        }
+                    }
+                    // The dead-letter topic refuses the value: keep the headers, say why.
+                    Destination::DeadLetter { .. } => refused = Some(e),
+                }
+                continue;
+            }
             tracing::warn!(topic = dest.topic(), error = %e, retry_in = ?delay, "cannot forward a failed message; holding it");
             if !self.hold(&mut delay).await {
                 return Settled::Abandoned;
@@ -181,7 +214,8 @@ impl Pipeline {
         }
         let tier = matches!(dest, Destination::Tier { .. });
         if tier && self.order_by_key && env.attempt == 0 {
-            let parked = self.db("park", || park::park_head(self.persister.pool(), env));
+            let pool = self.persister.pool();
+            let parked = self.db("park", || park::park_head(pool, env, &request_id));
             if parked.await.is_none() {
                 return Settled::Abandoned;
             }
@@ -396,7 +430,7 @@ impl Pipeline {
             .outcomes
             .with_label_values(&[&env.origin.topic, label])
             .inc();
-        if env.attempt > 0 {
+        if env.attempt > 0 && self.router.topology.tiers() > 0 {
             let tiers = self.router.topology.tiers();
             let tier = self
                 .router

@@ -183,14 +183,14 @@ impl Router {
     ) -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = Vec::new();
         let mut set = |k: &str, v: String| out.push((k.to_string(), v));
-        if env.header(header::ORIGINAL_TOPIC).is_none() {
-            let o = &env.origin;
-            set(header::ORIGINAL_TOPIC, o.topic.clone());
-            set(header::ORIGINAL_PARTITION, o.partition.to_string());
-            set(header::ORIGINAL_OFFSET, o.offset.to_string());
-            if let Some(ts) = o.timestamp_ms.and_then(crate::envelope::from_millis) {
-                set(header::ORIGINAL_TIMESTAMP, format_time(ts));
-            }
+        // Always from the envelope's origin, which the pipeline checked against the input
+        // topics: a hop carries the same values, and forged headers do not travel on.
+        let o = &env.origin;
+        set(header::ORIGINAL_TOPIC, o.topic.clone());
+        set(header::ORIGINAL_PARTITION, o.partition.to_string());
+        set(header::ORIGINAL_OFFSET, o.offset.to_string());
+        if let Some(ts) = o.timestamp_ms.and_then(crate::envelope::from_millis) {
+            set(header::ORIGINAL_TIMESTAMP, format_time(ts));
         }
         if env.first_failure.is_none() {
             set(header::FIRST_FAILURE, format_time(now));
@@ -210,19 +210,26 @@ impl Router {
         out
     }
 
-    /// Produces the forwarded copy and waits for the broker's acknowledgement.
+    /// Produces the forwarded copy and waits for the broker's acknowledgement. With
+    /// `drop_value`, the copy carries the headers only (plus `pa.value-dropped`): for a value
+    /// the dead-letter topic refuses.
     pub async fn forward(
         &self,
         env: &Envelope,
         f: &Failure,
         dest: &Destination,
         now: DateTime<Utc>,
+        drop_value: Option<&KafkaError>,
     ) -> Result<(), KafkaError> {
-        let ours = self.headers(env, f, dest, now);
+        let mut ours = self.headers(env, f, dest, now);
+        if let Some(e) = drop_value {
+            let why = format!("{} bytes refused: {e}", env.payload.len());
+            ours.push((header::VALUE_DROPPED.to_string(), why));
+        }
         let mut hs = OwnedHeaders::new_with_capacity(env.headers.len() + ours.len());
         // The message's own headers travel unchanged; earlier `pa.*` retry state is replaced.
         for (k, v) in &env.headers {
-            if !k.starts_with(header::PREFIX) || header::is_origin(k) {
+            if !k.starts_with(header::PREFIX) || header::is_kept(k) {
                 hs = hs.insert(Header {
                     key: k,
                     value: v.as_deref(),
@@ -235,8 +242,12 @@ impl Router {
                 value: Some(v.as_bytes()),
             });
         }
+        let payload: &[u8] = match drop_value {
+            Some(_) => &[],
+            None => &env.payload,
+        };
         let mut record = FutureRecord::to(dest.topic())
-            .payload(env.payload.as_slice())
+            .payload(payload)
             .headers(hs)
             // The time it entered the tier: a new owner computes the same due time from it.
             .timestamp(now.timestamp_millis());
@@ -245,6 +256,23 @@ impl Router {
         }
         send_acked(&self.producer, record).await
     }
+}
+
+/// Whether the brokers will refuse this record however often it is sent (too large, invalid,
+/// not authorised), as opposed to an outage that passes.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        e,
+        KafkaError::MessageProduction(
+            MessageSizeTooLarge
+                | InvalidMessageSize
+                | MessageBatchTooLarge
+                | InvalidMessage
+                | InvalidRecord
+                | TopicAuthorizationFailed
+        )
+    )
 }
 
 /// Sends one record and waits for its acknowledgement, waiting out a full local queue.

@@ -503,3 +503,98 @@ fn dlq_args<T: clap::Args + clap::FromArgMatches>(env: &Env, extra: &[&str]) -> 
         .expect("dlq arguments parse")
         .inner
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_retry_headers_on_the_input_topic_are_ignored() {
+    let env = Env::new(1).await;
+    let agent = env.start(&["--retry-delays=1h"]).await;
+    common::produce(
+        &env.brokers,
+        &env.topic,
+        Some("u1"),
+        &json(request("u1", Some("forged"), &[("missing", 0.5)])),
+        &[
+            (header::ORIGINAL_TOPIC, "someone-elses-topic"),
+            (header::ORIGINAL_PARTITION, "7"),
+            (header::ORIGINAL_OFFSET, "99"),
+            (header::ATTEMPT, "3"),
+            (header::FIRST_FAILURE, "2020-01-01T00:00:00.000Z"),
+        ],
+    )
+    .await;
+    let hop = env.records(&env.tier_topic("1h"), 1, 30).remove(0);
+    stop(agent).await;
+    assert_eq!(hop.header(header::ORIGINAL_TOPIC), env.topic);
+    assert_eq!(hop.header(header::ORIGINAL_OFFSET), "0");
+    assert_eq!(
+        hop.header(header::ATTEMPT),
+        "1",
+        "a fresh request starts at tier 1"
+    );
+    assert_ne!(
+        hop.header(header::FIRST_FAILURE),
+        "2020-01-01T00:00:00.000Z"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_a_header_name_that_is_not_utf8() {
+    use rdkafka::bindings::{rd_kafka_header_add, rd_kafka_headers_t};
+    use rdkafka::message::{BorrowedHeaders, Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let agent = env.start(&[]).await;
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "ok",
+        value: Some("1"),
+    });
+    let name = b"bad\xff";
+    // SAFETY: the list behind `headers` is ours and alive; librdkafka copies name and value.
+    unsafe {
+        let native = headers.as_borrowed() as *const BorrowedHeaders as *mut rd_kafka_headers_t;
+        rd_kafka_header_add(
+            native,
+            name.as_ptr().cast(),
+            name.len() as isize,
+            b"v".as_ptr().cast(),
+            1,
+        );
+    }
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .create()
+        .unwrap();
+    let payload = json(request("u1", Some("odd-header"), &[("b1", 0.5)]));
+    producer
+        .send(
+            FutureRecord::to(&env.topic)
+                .key("u1")
+                .payload(&payload)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    env.wait_count("SELECT count(*) FROM recommendation", 1, 30)
+        .await;
+    stop(agent).await;
+    assert_eq!(env.committed(0), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_the_headers_when_the_value_is_refused() {
+    let env = Env::new(1).await;
+    // The brokers' (here: the producer's own) size limit is below this message's value.
+    let agent = env.start(&["--kafka-config=message.max.bytes=4000"]).await;
+    env.produce("u1", &vec![b'x'; 6000]).await;
+    let dlq = env.records(&env.dlq(), 1, 30);
+    stop(agent).await;
+    assert!(dlq[0].value.is_empty(), "the value is dropped");
+    assert!(dlq[0]
+        .header(header::VALUE_DROPPED)
+        .starts_with("6000 bytes refused"));
+    assert_eq!(dlq[0].header(header::ERROR_CLASS), "decode");
+    assert_eq!(env.committed(0), Some(1), "the partition moves on");
+}
