@@ -128,12 +128,14 @@ impl Envelope {
     }
 
     /// The ledger's record of where the request came from: its origin, so every retry hop of
-    /// a request without `metadata.requestId` derives the same request id.
-    pub fn source(&self) -> Source {
+    /// a request without `metadata.requestId` derives the same request id. `order_key` makes
+    /// the transaction check that the key is not parked.
+    pub fn source(&self, order_key: Option<Vec<u8>>) -> Source {
         Source {
             topic: self.origin.topic.clone(),
             partition: self.origin.partition,
             offset: self.origin.offset,
+            order_key,
         }
     }
 }
@@ -216,8 +218,9 @@ mod tests {
             ],
             Some(2000),
         );
-        assert_eq!(hop.source().topic, "in");
-        assert_eq!((hop.source().partition, hop.source().offset), (2, 40));
+        let source = hop.source(None);
+        assert_eq!(source.topic, "in");
+        assert_eq!((source.partition, source.offset), (2, 40));
         assert_eq!(hop.attempt, 1);
         assert!(hop.first_failure.is_some());
     }

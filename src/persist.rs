@@ -24,19 +24,28 @@ pub struct Source {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// With per-key ordering, the message key: the transaction writes nothing while this key
+    /// is parked (`parked_key`) and reports `blocked` instead. None skips that check.
+    pub order_key: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Persisted {
     pub result: PersistenceResult,
     pub duplicate: bool,
+    /// Nothing was written: an earlier request of the key waits in a retry tier.
+    pub blocked: bool,
     pub attempts: u32,
 }
 
 const PERSIST_SQL: &str = r#"
-WITH led AS (
+WITH blocked AS (
+    SELECT 1 FROM parked_key
+    WHERE $20::bytea IS NOT NULL AND topic = $3 AND partition = $4 AND key = $20::bytea
+), led AS (
     INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset)
-    VALUES ($1, gen_random_uuid(), $2, $3, $4, $5)
+    SELECT $1::text, gen_random_uuid(), $2::text, $3::text, $4::int4, $5::int8
+    WHERE NOT EXISTS (SELECT 1 FROM blocked)
     ON CONFLICT (request_id) DO NOTHING
     RETURNING recommendation_id
 ), ctx AS (
@@ -76,6 +85,10 @@ UNION ALL
 SELECT p.recommendation_id::text, NULL, 0, p.transaction_id::text, false, COALESCE(p.confirmation, '{}'::jsonb)
 FROM processed_request p
 WHERE p.request_id = $1 AND NOT EXISTS (SELECT 1 FROM led)
+UNION ALL
+SELECT NULL, NULL, 0, NULL, false, NULL
+WHERE EXISTS (SELECT 1 FROM blocked)
+  AND NOT EXISTS (SELECT 1 FROM processed_request WHERE request_id = $1)
 "#;
 
 const CONFIRM_SQL: &str = "UPDATE processed_request SET confirmation = $2 WHERE request_id = $1";
@@ -200,12 +213,22 @@ impl Persister {
             let Some(row) = rows.first() else {
                 return Err(Failure::unexpected("persist statement returned no row"));
             };
+            if row.get::<_, Option<String>>(0).is_none() {
+                client.batch_execute("COMMIT").await?;
+                return Ok(Persisted {
+                    result: blocked_result(request_id),
+                    duplicate: false,
+                    blocked: true,
+                    attempts: 0,
+                });
+            }
             let result = match row.get::<_, Option<Json>>(5) {
                 Some(confirmation) => {
                     client.batch_execute("COMMIT").await?;
                     return Ok(Persisted {
                         result: from_ledger(confirmation, request_id),
                         duplicate: true,
+                        blocked: false,
                         attempts: 0,
                     });
                 }
@@ -224,6 +247,7 @@ impl Persister {
             Ok(Persisted {
                 result,
                 duplicate: false,
+                blocked: false,
                 attempts: 0,
             })
         }
@@ -282,6 +306,22 @@ fn confirmation(
     }
 }
 
+/// Placeholder for a blocked request: never published (the request is parked instead).
+fn blocked_result(request_id: &str) -> PersistenceResult {
+    PersistenceResult {
+        request_id: request_id.to_string(),
+        user_id: None,
+        recommendation_id: None,
+        context_id: None,
+        book_count: 0,
+        persistence_status: status::SUCCESS.to_string(),
+        timestamp: chrono::Utc::now().to_rfc3339(),
+        persistence_metadata: None,
+        error: None,
+        routing: None,
+    }
+}
+
 fn from_ledger(confirmation: Json, request_id: &str) -> PersistenceResult {
     serde_json::from_value(confirmation).unwrap_or_else(|e| {
         tracing::warn!(request_id, error = %e, "stored confirmation unreadable");
@@ -315,6 +355,7 @@ struct Params<'a> {
     breakdowns: Vec<Option<&'a Json>>,
     justifications: Vec<&'a str>,
     reasons: Vec<Json>,
+    order_key: Option<&'a [u8]>,
 }
 
 impl<'a> Params<'a> {
@@ -337,10 +378,11 @@ impl<'a> Params<'a> {
                 .iter()
                 .map(|b| Json::from(b.key_reasons.clone()))
                 .collect(),
+            order_key: source.order_key.as_deref(),
         }
     }
 
-    fn as_refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 19] {
+    fn as_refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 20] {
         let c = &self.req.context;
         [
             &self.request_id,
@@ -362,6 +404,7 @@ impl<'a> Params<'a> {
             &self.breakdowns,
             &self.justifications,
             &self.reasons,
+            &self.order_key,
         ]
     }
 }

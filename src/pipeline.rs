@@ -39,6 +39,8 @@ enum Settled {
     Routed(PersistenceResult, Destination),
     /// Shutdown or a fatal error came first: nothing durable happened.
     Abandoned,
+    /// Nothing written: an earlier request of the key waits in a retry tier.
+    Blocked,
 }
 
 pub struct Pipeline {
@@ -79,7 +81,14 @@ impl Pipeline {
             .messages_consumed
             .with_label_values(&[&env.topic])
             .inc();
-        if self.order_by_key && env.attempt == 0 && env.key.is_some() {
+        // A fresh keyed request is checked against parked keys inside its own transaction
+        // (no extra round trip); only a blocked one takes the parking step.
+        let order_key = match self.order_by_key && env.attempt == 0 {
+            true => park::ParkKey::of(&env).map(|k| k.key),
+            false => None,
+        };
+        let mut settled = self.settle(&env, order_key).await;
+        if matches!(settled, Settled::Blocked) {
             match self
                 .db("park", || park::gate(self.persister.pool(), &env))
                 .await
@@ -93,15 +102,16 @@ impl Pipeline {
                         "already routed to a retry tier before a restart");
                     return Handled::Done(None);
                 }
-                Some(Gate::Free | Gate::Head) => {}
                 Some(Gate::Parked) => {
                     self.parked(&env);
                     return Handled::Done(None);
                 }
+                // Released since the transaction looked (or a replay of the head): go ahead.
+                Some(Gate::Free | Gate::Head) => settled = self.settle(&env, None).await,
             }
         }
-        let result = match self.settle(&env).await {
-            Settled::Abandoned => return Handled::Abandoned,
+        let result = match settled {
+            Settled::Abandoned | Settled::Blocked => return Handled::Abandoned,
             Settled::Persisted(r) => r,
             Settled::Routed(r, dest) => {
                 let head_done = matches!(dest, Destination::DeadLetter { .. });
@@ -151,10 +161,13 @@ impl Pipeline {
         }
     }
 
-    /// Decodes and persists `env`, or forwards it when that failed.
-    async fn settle(&self, env: &Envelope) -> Settled {
-        let (request_id, user_id, outcome) = self.process(&env.payload, &env.source()).await;
+    /// Decodes and persists `env`, or forwards it when that failed. With `order_key`, nothing
+    /// is written while that key is parked (`Blocked`).
+    async fn settle(&self, env: &Envelope, order_key: Option<Vec<u8>>) -> Settled {
+        let source = env.source(order_key);
+        let (request_id, user_id, outcome) = self.process(&env.payload, &source).await;
         match outcome {
+            Ok(persisted) if persisted.blocked => Settled::Blocked,
             Ok(persisted) => Settled::Persisted(self.succeeded(env, persisted)),
             Err(f) if f.disposition == Disposition::Fatal => {
                 self.stop_fatal(&f);
@@ -269,8 +282,9 @@ impl Pipeline {
                 return true;
             };
             let env = &follower.envelope;
-            let (result, promoted) = match Box::pin(self.settle(env)).await {
-                Settled::Abandoned => return false,
+            // Its key is parked for it (its head is ours): no parking check.
+            let (result, promoted) = match Box::pin(self.settle(env, None)).await {
+                Settled::Abandoned | Settled::Blocked => return false,
                 Settled::Persisted(r) => (r, false),
                 Settled::Routed(r, dest) => (r, matches!(dest, Destination::Tier { .. })),
             };

@@ -37,6 +37,7 @@ fn source() -> Source {
         topic: "t".into(),
         partition: 0,
         offset: 0,
+        order_key: None,
     }
 }
 
