@@ -36,6 +36,8 @@ WEB_PORT=${WEB_PORT:-18090}
 STEP=${STEP:-10}
 RATE_INTERVAL=${RATE_INTERVAL:-1m}
 WIDTH=${WIDTH:-1600}
+# Short tiers, so the retry panels show the unknown-bookId requests walking them within the run.
+RETRY_DELAYS=${RETRY_DELAYS:-30s,1m,2m}
 KEEP_SCHEMA=${KEEP_SCHEMA:-0}           # 1: leave the demo schema in the database
 
 nap() { sleep "$1" & wait $!; }   # a sleep that SIGTERM/Ctrl-C interrupts
@@ -136,6 +138,7 @@ alive() { local s; s=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $s != Z* ]]; }
 start_agent() {  # port
   env HTTP_ADDR="127.0.0.1:$1" KAFKA_INPUT_TOPICS="$req_topic" KAFKA_RESULTS_TOPIC="$res_topic" \
     KAFKA_GROUP_ID="$group" DATABASE_POOL_SIZE=8 WORKERS=8 RUST_LOG=info,persistence_agent::pipeline=warn \
+    RETRY_DELAYS="$RETRY_DELAYS" \
     'KAFKA_CONFIG_statistics.interval.ms=5000' \
     "$agent" run >>"$tmp/agent-$1.log" 2>&1 &
   agent_pid[$1]=$!

@@ -38,7 +38,14 @@ async fn metrics_count_a_known_mix_of_outcomes_exactly() {
     )
     .await; // validation
     env.produce("k", b"\x01garbage").await; // decode
-    env.results(6);
+    env.produce(
+        "fk",
+        request("u5", Some("m-5"), &[("not-in-catalogue", 0.5)])
+            .to_string()
+            .as_bytes(),
+    )
+    .await; // retry tier
+    env.results(7);
 
     // Lag comes from librdkafka statistics: wait for a report after the last message.
     let t = env.topic.as_str();
@@ -56,7 +63,7 @@ async fn metrics_count_a_known_mix_of_outcomes_exactly() {
     let m = |name: &str, labels: &[(&str, &str)]| sample(&text, name, labels);
     assert_eq!(
         m("persistence_agent_messages_consumed_total", &[("topic", t)]),
-        Some(6.0)
+        Some(7.0)
     );
     assert_eq!(
         m(
@@ -88,6 +95,17 @@ async fn metrics_count_a_known_mix_of_outcomes_exactly() {
     );
     assert_eq!(
         m(
+            "persistence_agent_outcomes_total",
+            &[("topic", t), ("outcome", "retry_scheduled")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m("persistence_agent_retry_routed_total", &[("tier", "5m")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m(
             "persistence_agent_failures_total",
             &[("class", "validation")]
         ),
@@ -112,15 +130,22 @@ async fn metrics_count_a_known_mix_of_outcomes_exactly() {
         Some(1.0)
     );
     assert_eq!(
+        m(
+            "persistence_agent_transaction_attempts_total",
+            &[("result", "foreign_key_violation")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
         m("persistence_agent_transaction_duration_seconds_count", &[]),
-        Some(4.0)
+        Some(5.0)
     );
     assert_eq!(
         m(
             "persistence_agent_results_published_total",
             &[("delivery", "ok")]
         ),
-        Some(6.0)
+        Some(7.0)
     );
     assert_eq!(
         m(
