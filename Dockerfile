@@ -18,10 +18,14 @@ COPY schemas schemas
 ARG GIT_SHA=unknown
 ENV GIT_SHA=${GIT_SHA}
 # Touch so cargo rebuilds the crate rather than reuse the placeholder's artifacts.
+# zlib is the one shared library the binary needs that distroless lacks; it goes where the
+# image's OpenSSL libraries are, /usr/lib/<multiarch>.
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked \
- && mkdir -p /out/lib \
+ && mkdir -p /out \
  && cp target/release/persistence-agent /out/ \
- && cp "$(dpkg -L zlib1g | grep 'libz.so.1$')" /out/lib/
+ && dir="/out/root/usr/lib/$(gcc -print-multiarch)" \
+ && mkdir -p "$dir" \
+ && cp -L "$(dpkg -L zlib1g | grep 'libz.so.1$')" "$dir/libz.so.1"
 
 # Runtime: distroless (glibc, OpenSSL, CA certificates; no shell, no package manager),
 # running as the image's non-root user 65532.
@@ -34,7 +38,7 @@ LABEL org.opencontainers.image.title="persistence-agent" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${GIT_SHA}"
-COPY --from=build /out/lib/ /usr/lib/
+COPY --from=build /out/root/ /
 COPY --from=build /out/persistence-agent /usr/local/bin/persistence-agent
 USER 65532:65532
 EXPOSE 8080

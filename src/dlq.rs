@@ -393,7 +393,7 @@ pub async fn replay(args: &ReplayArgs) -> anyhow::Result<String> {
         }
     }
     Ok(format!(
-        "{} {}, {} already replayed earlier, {} not matching, {} without pa.original.topic",
+        "{} {}, {} already replayed earlier, {} not matching, {} not replayable (no pa.original.topic, or value dropped)",
         if args.dry_run {
             "would replay"
         } else {
@@ -424,6 +424,13 @@ async fn replay_one(
         );
         return Ok(Replayed::NoOrigin);
     };
+    if let Some(why) = d.header(header::VALUE_DROPPED) {
+        eprintln!(
+            "{}: its value was dropped ({why}); left in place",
+            d.coordinates()
+        );
+        return Ok(Replayed::NoOrigin);
+    }
     let tx = db.transaction().await?;
     let detail = serde_json::json!({
         "replayedTo": target,

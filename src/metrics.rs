@@ -31,6 +31,8 @@ pub mod outcome {
 pub mod attempt {
     pub const COMMITTED: &str = "committed";
     pub const DUPLICATE: &str = "duplicate";
+    /// Nothing written: the request's key is parked (per-key ordering).
+    pub const BLOCKED: &str = "blocked";
 }
 
 pub struct Metrics {

@@ -102,56 +102,73 @@ pub async fn gate(pool: &Pool, env: &Envelope) -> Result<Gate, Failure> {
     })
 }
 
-/// Records `env` as its key's head after it was routed to a retry tier. A key already parked
-/// keeps its head: this request was a later hop of it, or a redelivered duplicate. A request the
-/// ledger already holds is not parked: its tier copy succeeded before this step ran (a stalled
-/// database and short tier delays), and nothing would ever release the key.
-pub async fn park_head(pool: &Pool, env: &Envelope, request_id: &str) -> Result<(), Failure> {
+/// Records `env` as its key's head, before it is forwarded to a retry tier, so its tier copy
+/// always finds the key held for it. A key already parked keeps its head (this request is that
+/// head, redelivered).
+pub async fn park_head(pool: &Pool, env: &Envelope) -> Result<(), Failure> {
     let Some(k) = ParkKey::of(env) else {
         return Ok(());
     };
     let c = pool.get().await.map_err(|e| Failure::from(&e))?;
     c.execute(
-        "INSERT INTO parked_key (topic, partition, key, head_offset)
-         SELECT $1, $2, $3, $4
-         WHERE NOT EXISTS (SELECT 1 FROM processed_request WHERE request_id = $5)
+        "INSERT INTO parked_key (topic, partition, key, head_offset) VALUES ($1, $2, $3, $4)
          ON CONFLICT (topic, partition, key) DO NOTHING",
-        &[
-            &k.topic,
-            &k.partition,
-            &k.key,
-            &env.origin.offset,
-            &request_id,
-        ],
+        &[&k.topic, &k.partition, &k.key, &env.origin.offset],
     )
     .await?;
     Ok(())
 }
 
-/// The next parked request of the key whose head is `head`, or None once the queue is empty, in
-/// which case the key is released in the same transaction. Also None when `head` is not the
-/// key's head (nothing of ours to release).
-pub async fn next_follower(pool: &Pool, head: &Envelope) -> Result<Option<Follower>, Failure> {
-    let Some(k) = ParkKey::of(head) else {
-        return Ok(None);
-    };
+/// What a release does next.
+pub enum Next {
+    /// The oldest parked request, to settle now.
+    Follower(Follower),
+    /// A follower made head whose own outcome was never recorded (the agent stopped between
+    /// promoting and forwarding it): settle it again.
+    Resume(Follower),
+    /// Nothing left: the key was released (or was not held by this head).
+    Done,
+}
+
+const FOLLOWER_COLUMNS: &str =
+    "id, source_offset, value, header_names, header_values, message_timestamp";
+
+/// The next step of releasing the key whose current head is the request at offset `head`.
+/// When no follower is left the key is released in the same transaction.
+pub async fn next_follower(pool: &Pool, key: &ParkKey, head: i64) -> Result<Next, Failure> {
     let mut c = pool.get().await.map_err(|e| Failure::from(&e))?;
     let tx = c.transaction().await?;
-    let keyp: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&k.topic, &k.partition, &k.key];
+    let keyp: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&key.topic, &key.partition, &key.key];
     let owner = tx
         .query_opt(
             "SELECT head_offset FROM parked_key WHERE topic = $1 AND partition = $2 AND key = $3 FOR UPDATE",
             &keyp,
         )
-        .await?;
-    if owner.map(|r| r.get::<_, i64>(0)) != Some(head.origin.offset) {
-        return Ok(None);
+        .await?
+        .map(|r| r.get::<_, i64>(0));
+    let Some(owner) = owner else {
+        return Ok(Next::Done);
+    };
+    if owner != head {
+        let promoted = tx
+            .query_opt(
+                &format!(
+                    "SELECT {FOLLOWER_COLUMNS} FROM parked_message
+                     WHERE topic = $1 AND partition = $2 AND key = $3 AND source_offset = $4"
+                ),
+                &[&key.topic, &key.partition, &key.key, &owner],
+            )
+            .await?;
+        tx.commit().await?;
+        return Ok(promoted.map_or(Next::Done, |r| Next::Resume(follower(key, &r))));
     }
     let next = tx
         .query_opt(
-            "SELECT id, source_offset, value, header_names, header_values, message_timestamp
-             FROM parked_message WHERE topic = $1 AND partition = $2 AND key = $3
-             ORDER BY id LIMIT 1",
+            &format!(
+                "SELECT {FOLLOWER_COLUMNS} FROM parked_message
+                 WHERE topic = $1 AND partition = $2 AND key = $3 ORDER BY id LIMIT 1"
+            ),
             &keyp,
         )
         .await?;
@@ -162,23 +179,27 @@ pub async fn next_follower(pool: &Pool, head: &Envelope) -> Result<Option<Follow
         )
         .await?;
         tx.commit().await?;
-        return Ok(None);
+        return Ok(Next::Done);
     };
     tx.commit().await?;
+    Ok(Next::Follower(follower(key, &row)))
+}
+
+fn follower(key: &ParkKey, row: &tokio_postgres::Row) -> Follower {
     let names: Vec<String> = row.get(3);
     let values: Vec<Option<Vec<u8>>> = row.get(4);
     let headers: RawHeaders = names.into_iter().zip(values).collect();
     let envelope = Envelope::new(
-        (k.topic, k.partition, row.get(1)),
-        Some(k.key),
+        (key.topic.clone(), key.partition, row.get(1)),
+        Some(key.key.clone()),
         row.get(2),
         headers,
         row.get(5),
     );
-    Ok(Some(Follower {
+    Follower {
         id: row.get(0),
         envelope,
-    }))
+    }
 }
 
 /// A follower finished (persisted or dead-lettered): drop it from the queue.
@@ -189,14 +210,15 @@ pub async fn finished(pool: &Pool, follower: &Follower) -> Result<(), Failure> {
     Ok(())
 }
 
-/// A follower went to a retry tier itself: it becomes the head the rest wait for.
+/// A follower about to go to a retry tier becomes the head the rest wait for. Done before it
+/// is forwarded, so its tier copy always finds itself the head; its queue entry is removed
+/// (`finished`) only once the forward was acknowledged.
 pub async fn promote(pool: &Pool, follower: &Follower) -> Result<(), Failure> {
     let Some(k) = ParkKey::of(&follower.envelope) else {
         return Ok(());
     };
-    let mut c = pool.get().await.map_err(|e| Failure::from(&e))?;
-    let tx = c.transaction().await?;
-    tx.execute(
+    let c = pool.get().await.map_err(|e| Failure::from(&e))?;
+    c.execute(
         "UPDATE parked_key SET head_offset = $4, parked_at = now()
          WHERE topic = $1 AND partition = $2 AND key = $3",
         &[
@@ -207,8 +229,5 @@ pub async fn promote(pool: &Pool, follower: &Follower) -> Result<(), Failure> {
         ],
     )
     .await?;
-    tx.execute("DELETE FROM parked_message WHERE id = $1", &[&follower.id])
-        .await?;
-    tx.commit().await?;
     Ok(())
 }

@@ -171,6 +171,7 @@ impl Persister {
             .observe(started.elapsed().as_secs_f64());
         let label = match &result {
             Ok(p) if p.duplicate => attempt::DUPLICATE,
+            Ok(p) if p.blocked => attempt::BLOCKED,
             Ok(_) => attempt::COMMITTED,
             Err(f) => f.class,
         };

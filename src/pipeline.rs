@@ -2,7 +2,6 @@
 //! → persist, or route to a retry tier / the dead-letter topic → result event.
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +19,9 @@ use crate::park::{self, Gate};
 use crate::persist::{Persisted, Persister, Source};
 use crate::results::{PendingResult, ResultPublisher};
 use crate::route::{self, Destination, Router};
+
+mod ordering;
+use ordering::Order;
 use rdkafka::error::KafkaError;
 
 /// What the consumer may do with the message's offset.
@@ -41,6 +43,8 @@ enum Settled {
     Abandoned,
     /// Nothing written: an earlier request of the key waits in a retry tier.
     Blocked,
+    /// Stored behind an earlier request of its key that waits in a retry tier.
+    Parked,
 }
 
 pub struct Pipeline {
@@ -83,47 +87,45 @@ impl Pipeline {
             .inc();
         // A fresh keyed request is checked against parked keys inside its own transaction
         // (no extra round trip); only a blocked one takes the parking step.
-        let order_key = match self.order_by_key && env.attempt == 0 {
-            true => park::ParkKey::of(&env).map(|k| k.key),
-            false => None,
+        let order = match self.order_by_key && env.attempt == 0 {
+            true => park::ParkKey::of(&env).map_or(Order::Unordered, |k| Order::Fresh(k.key)),
+            false => Order::Unordered,
         };
-        let mut settled = self.settle(&env, order_key).await;
+        // A tier copy heads its key; so does a request found parked for itself.
+        let mut is_head = env.attempt > 0;
+        let mut settled = self.settle(&env, &order).await;
         if matches!(settled, Settled::Blocked) {
             match self
                 .db("park", || park::gate(self.persister.pool(), &env))
                 .await
             {
                 None => return Handled::Abandoned,
-                // A replay of a request whose original still heads its key is processed.
-                Some(Gate::Head)
-                    if env.header(crate::envelope::header::REPLAYED_FROM).is_none() =>
-                {
-                    tracing::info!(topic = %env.topic, partition = env.partition, offset = env.offset,
-                        "already routed to a retry tier before a restart");
-                    return Handled::Done(None);
+                Some(Gate::Parked) => settled = Settled::Parked,
+                // Released since the transaction looked: go ahead.
+                Some(Gate::Free) => settled = self.settle(&env, &Order::Unordered).await,
+                // Parked as head, but the agent stopped before its tier copy was acknowledged
+                // (or this is a replay of the head): settle it again, as the head.
+                Some(Gate::Head) => {
+                    is_head = true;
+                    settled = self.settle(&env, &Order::Unordered).await;
                 }
-                Some(Gate::Parked) => {
-                    self.parked(&env);
-                    return Handled::Done(None);
-                }
-                // Released since the transaction looked (or a replay of the head): go ahead.
-                Some(Gate::Free | Gate::Head) => settled = self.settle(&env, None).await,
             }
         }
         let result = match settled {
             Settled::Abandoned | Settled::Blocked => return Handled::Abandoned,
+            Settled::Parked => {
+                self.parked(&env);
+                return Handled::Done(None);
+            }
             Settled::Persisted(r) => r,
-            Settled::Routed(r, dest) => {
-                let head_done = matches!(dest, Destination::DeadLetter { .. });
-                if head_done && !self.release_if_head(&env).await {
-                    return Handled::Abandoned;
-                }
+            Settled::Routed(r, Destination::Tier { .. }) => {
                 self.observe_latency(&env, &r);
                 return Handled::Done(self.results.publish(&r).await);
             }
+            Settled::Routed(r, Destination::DeadLetter { .. }) => r,
         };
         // A head's outcome is final: the requests parked behind it go next, before its commit.
-        if !self.release_if_head(&env).await {
+        if is_head && !self.release(&env).await {
             return Handled::Abandoned;
         }
         self.observe_latency(&env, &result);
@@ -161,9 +163,13 @@ impl Pipeline {
         }
     }
 
-    /// Decodes and persists `env`, or forwards it when that failed. With `order_key`, nothing
-    /// is written while that key is parked (`Blocked`).
-    async fn settle(&self, env: &Envelope, order_key: Option<Vec<u8>>) -> Settled {
+    /// Decodes and persists `env`, or forwards it when that failed. A fresh keyed request is
+    /// not written while its key is parked (`Blocked`).
+    async fn settle(&self, env: &Envelope, order: &Order<'_>) -> Settled {
+        let order_key = match order {
+            Order::Fresh(k) => Some(k.clone()),
+            _ => None,
+        };
         let source = env.source(order_key);
         let (request_id, user_id, outcome) = self.process(&env.payload, &source).await;
         match outcome {
@@ -174,7 +180,7 @@ impl Pipeline {
                 Settled::Abandoned
             }
             Err(f) if f.disposition == Disposition::Outage => Settled::Abandoned,
-            Err(f) => self.route(env, request_id, user_id, f).await,
+            Err(f) => self.route(env, request_id, user_id, f, order).await,
         }
     }
 
@@ -192,9 +198,17 @@ impl Pipeline {
         request_id: String,
         user_id: Option<String>,
         f: Failure,
+        order: &Order<'_>,
     ) -> Settled {
         let now = Utc::now();
         let mut dest = self.router.destination(env, &f, now);
+        if matches!(dest, Destination::Tier { .. }) {
+            match self.hold_key(env, order).await {
+                Some(true) => {}
+                Some(false) => return Settled::Parked,
+                None => return Settled::Abandoned,
+            }
+        }
         let mut delay = FIRST_HOLD;
         let mut refused: Option<KafkaError> = None;
         loop {
@@ -206,10 +220,10 @@ impl Pipeline {
                 Ok(()) => break,
                 Err(e) => e,
             };
-            if route::is_permanent(&e) && refused.is_none() {
-                tracing::warn!(topic = dest.topic(), error = %e, "forwarded copy refused by the brokers");
+            if route::is_too_large(&e) && refused.is_none() {
+                tracing::warn!(topic = dest.topic(), error = %e, "forwarded copy too large for the brokers");
                 match dest {
-                    // A tier refusing the record will refuse it every time: dead-letter it.
+                    // A tier refusing the record's size will refuse it every time: dead-letter it.
                     Destination::Tier { .. } => {
                         dest = Destination::DeadLetter {
                             topic: self.router.topology.dlq_topic(&env.origin.topic),
@@ -225,84 +239,8 @@ impl Pipeline {
                 return Settled::Abandoned;
             }
         }
-        let tier = matches!(dest, Destination::Tier { .. });
-        if tier && self.order_by_key && env.attempt == 0 {
-            let pool = self.persister.pool();
-            let parked = self.db("park", || park::park_head(pool, env, &request_id));
-            if parked.await.is_none() {
-                return Settled::Abandoned;
-            }
-        }
         let result = self.routed(env, request_id, user_id, &f, &dest);
         Settled::Routed(result, dest)
-    }
-
-    /// Runs a database step of the parking protocol until it succeeds; None at shutdown or on a
-    /// fatal error.
-    async fn db<T, F, Fut>(&self, what: &str, mut op: F) -> Option<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, Failure>>,
-    {
-        let mut delay = FIRST_HOLD;
-        loop {
-            let f = match op().await {
-                Ok(v) => return Some(v),
-                Err(f) => f,
-            };
-            if f.disposition == Disposition::Fatal {
-                self.stop_fatal(&f);
-                return None;
-            }
-            tracing::warn!(step = what, class = f.class, code = %f.code, error = %f.message, "parking step failed; retrying");
-            let waited = match f.waits_for_database() {
-                true => self.wait_for_database().await,
-                false => self.hold(&mut delay).await,
-            };
-            if !waited {
-                return None;
-            }
-        }
-    }
-
-    /// If `head` is the request its key's parked followers wait for, settles them in arrival
-    /// order until one goes to a retry tier (it becomes the new head) or none are left (the key
-    /// is released). False when shutdown interrupted it: the head must not be committed, so its
-    /// redelivery resumes the release.
-    async fn release_if_head(&self, head: &Envelope) -> bool {
-        if !self.order_by_key || head.attempt == 0 || head.key.is_none() {
-            return true;
-        }
-        let pool = self.persister.pool();
-        loop {
-            let Some(next) = self.db("release", || park::next_follower(pool, head)).await else {
-                return false;
-            };
-            let Some(follower) = next else {
-                return true;
-            };
-            let env = &follower.envelope;
-            // Its key is parked for it (its head is ours): no parking check.
-            let (result, promoted) = match Box::pin(self.settle(env, None)).await {
-                Settled::Abandoned | Settled::Blocked => return false,
-                Settled::Persisted(r) => (r, false),
-                Settled::Routed(r, dest) => (r, matches!(dest, Destination::Tier { .. })),
-            };
-            let step = match promoted {
-                true => self.db("promote", || park::promote(pool, &follower)).await,
-                false => self.db("unpark", || park::finished(pool, &follower)).await,
-            };
-            if step.is_none() {
-                return false;
-            }
-            self.observe_latency(env, &result);
-            if let Some(pending) = self.results.publish(&result).await {
-                pending.delivered().await;
-            }
-            if promoted {
-                return true;
-            }
-        }
     }
 
     /// Returns the request id and user id (when the message got that far) with the outcome.
@@ -418,20 +356,6 @@ impl Pipeline {
             tokio::time::timeout(Duration::from_secs(2), probe).await,
             Ok(Some(_))
         )
-    }
-
-    fn parked(&self, env: &Envelope) {
-        self.metrics
-            .outcomes
-            .with_label_values(&[&env.origin.topic, outcome::PARKED])
-            .inc();
-        tracing::info!(
-            action = "RECOMMENDATION_PARKED",
-            topic = %env.topic,
-            partition = env.partition,
-            offset = env.offset,
-            "an earlier request with this key waits in a retry tier; parked behind it",
-        );
     }
 
     fn succeeded(&self, env: &Envelope, p: Persisted) -> PersistenceResult {

@@ -258,19 +258,15 @@ impl Router {
     }
 }
 
-/// Whether the brokers will refuse this record however often it is sent (too large, invalid,
-/// not authorised), as opposed to an outage that passes.
-pub fn is_permanent(e: &KafkaError) -> bool {
+/// Whether the brokers refuse this record for its size, however often it is sent. (Other
+/// refusals, such as a missing ACL, are held and retried: they are fixed by operators, and
+/// dropping the value for them would lose data.)
+pub fn is_too_large(e: &KafkaError) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
         e,
         KafkaError::MessageProduction(
-            MessageSizeTooLarge
-                | InvalidMessageSize
-                | MessageBatchTooLarge
-                | InvalidMessage
-                | InvalidRecord
-                | TopicAuthorizationFailed
+            MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge
         )
     )
 }
