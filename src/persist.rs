@@ -217,7 +217,7 @@ impl Persister {
             if row.get::<_, Option<String>>(0).is_none() {
                 client.batch_execute("COMMIT").await?;
                 return Ok(Persisted {
-                    result: blocked_result(request_id),
+                    result: bare_result(request_id),
                     duplicate: false,
                     blocked: true,
                     attempts: 0,
@@ -307,8 +307,9 @@ fn confirmation(
     }
 }
 
-/// Placeholder for a blocked request: never published (the request is parked instead).
-fn blocked_result(request_id: &str) -> PersistenceResult {
+/// A success result carrying only the request id: for a blocked request (never published: it
+/// is parked instead) and for a stored confirmation that no longer parses.
+fn bare_result(request_id: &str) -> PersistenceResult {
     PersistenceResult {
         request_id: request_id.to_string(),
         user_id: None,
@@ -326,18 +327,7 @@ fn blocked_result(request_id: &str) -> PersistenceResult {
 fn from_ledger(confirmation: Json, request_id: &str) -> PersistenceResult {
     serde_json::from_value(confirmation).unwrap_or_else(|e| {
         tracing::warn!(request_id, error = %e, "stored confirmation unreadable");
-        PersistenceResult {
-            request_id: request_id.to_string(),
-            user_id: None,
-            recommendation_id: None,
-            context_id: None,
-            book_count: 0,
-            persistence_status: status::SUCCESS.to_string(),
-            timestamp: chrono::Utc::now().to_rfc3339(),
-            persistence_metadata: None,
-            error: None,
-            routing: None,
-        }
+        bare_result(request_id)
     })
 }
 

@@ -358,31 +358,11 @@ async fn pauses_for_a_database_outage_and_dead_letters_nothing() {
     let agent = env
         .start(&["--retry-delays=1s", "--txn-backoff=10ms"])
         .await;
-    for i in 0..5 {
-        env.produce(
-            "k",
-            &json(request(
-                &format!("u{i}"),
-                Some(&format!("o-{i}")),
-                &[("b1", 0.5)],
-            )),
-        )
-        .await;
-    }
+    produce_range(&env, 0..5).await;
     env.wait_count("SELECT count(*) FROM recommendation", 5, 30)
         .await;
     cluster.stop();
-    for i in 5..20 {
-        env.produce(
-            "k",
-            &json(request(
-                &format!("u{i}"),
-                Some(&format!("o-{i}")),
-                &[("b1", 0.5)],
-            )),
-        )
-        .await;
-    }
+    produce_range(&env, 5..20).await;
     wait_for("consumption paused during the outage", 60, async || {
         agent
             .metrics
@@ -597,4 +577,12 @@ async fn dead_letters_the_headers_when_the_value_is_refused() {
         .starts_with("6000 bytes refused"));
     assert_eq!(dlq[0].header(header::ERROR_CLASS), "decode");
     assert_eq!(env.committed(0), Some(1), "the partition moves on");
+}
+
+/// Valid requests `o-<i>` for users `u<i>`, all with key `k`.
+async fn produce_range(env: &Env, range: std::ops::Range<i32>) {
+    for i in range {
+        let req = request(&format!("u{i}"), Some(&format!("o-{i}")), &[("b1", 0.5)]);
+        env.produce("k", &json(req)).await;
+    }
 }
