@@ -41,3 +41,10 @@ ensure_kafka() {
   cat .local/tansu.log >&2
   return 1
 }
+
+# Python modules of the deployment checks (tests/deploy.rs): compose-spec validation and Helm's
+# linter (helm-sdkpy declares Python >= 3.12 but works on 3.11).
+ensure_python_deps() {
+  python3 -c "import jsonschema, yaml" 2>/dev/null || pip install -q jsonschema pyyaml >&2
+  python3 -c "import helm_sdkpy" 2>/dev/null || pip install -q --ignore-requires-python helm-sdkpy cffi >&2
+}

@@ -9,6 +9,7 @@ source scripts/lib.sh
 
 ensure_postgres
 ensure_kafka
+ensure_python_deps
 echo "test.sh: DATABASE_URL=${DATABASE_URL%%\?*} KAFKA_BROKERS=$KAFKA_BROKERS"
 # Two test threads: each test runs an agent and its own transactions on a 2-core machine.
 log=$(mktemp)
