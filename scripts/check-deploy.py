@@ -98,6 +98,16 @@ def helm_env_checks(known):
     pod = (CHART / "templates" / "_helpers.tpl").read_text()
     keys |= set(re.findall(r"- name: ([A-Z_]+)", pod))
     check(not (keys - known), f"helm ConfigMap sets only variables the service reads {sorted(keys - known)}")
+    # Helm reads numbers as float64: quoted without `int64`, 1048576 becomes "1.048576e+06".
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    floaty = []
+    for key, path, rest in re.findall(r"^  ([A-Z_]+): \{\{ \.Values\.([\w.]+) (.*)\}\}", configmap, re.M):
+        value = defaults
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and "int64" not in rest:
+            floaty.append(key)
+    check(not floaty, f"ConfigMap renders integer values as integers {floaty}")
     rules = (CHART / "files" / "rules.yml").read_text()
     check(rules == (ROOT / "prometheus" / "rules.yml").read_text(), "chart rules file is prometheus/rules.yml verbatim")
 

@@ -33,6 +33,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.existingSecret | default (printf "%s-secret" (include "pa.fullname" .)) -}}
 {{- end -}}
 
+{{/* The migration hook runs before regular resources exist: it reads a hook Secret of its own. */}}
+{{- define "pa.migrationSecretName" -}}
+{{- .Values.existingSecret | default (printf "%s-migrate" (include "pa.fullname" .)) -}}
+{{- end -}}
+
 {{- define "pa.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- .Values.serviceAccount.name | default (include "pa.fullname" .) -}}
@@ -75,6 +80,13 @@ containers:
     ports:
       - name: http
         containerPort: 8080
+    # Start-up (migrations, topic creation) may take a while before /healthz answers.
+    startupProbe:
+      httpGet:
+        path: /healthz
+        port: http
+      periodSeconds: 5
+      failureThreshold: 30
     livenessProbe:
       httpGet:
         path: /healthz
