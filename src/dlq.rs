@@ -15,11 +15,9 @@ use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{
-    ClientRole, DatabaseArgs, KafkaArgs, RetryArgs, DEFAULT_GROUP_ID, DEFAULT_INPUT_TOPICS,
-};
+use crate::config::{ClientRole, DatabaseArgs, KafkaArgs, DEFAULT_GROUP_ID, DEFAULT_INPUT_TOPICS};
 use crate::envelope::{format_time, header, parse_time, read_headers, RawHeaders};
-use crate::route::{send_acked, Topology};
+use crate::route::send_acked;
 
 #[derive(Subcommand)]
 pub enum DlqCommand {
@@ -49,27 +47,18 @@ pub struct DlqTopics {
 }
 
 impl DlqTopics {
-    fn names(&self) -> anyhow::Result<Vec<String>> {
+    fn names(&self) -> Vec<String> {
         if !self.topics.is_empty() {
-            return Ok(self.topics.clone());
+            return self.topics.clone();
         }
-        let retry = RetryArgs {
-            role: crate::config::Role::All,
-            retry_delays: crate::config::DurationList(vec![]),
-            retry_topics: vec![],
-            dlq_topic: self.dlq_topic.clone(),
-            give_up_after: Duration::ZERO,
-            kafka_retry_group_id: None,
-            order_by_key: true,
-            create_retry_topics: false,
-        };
         let inputs: Vec<String> = self
             .kafka_input_topics
             .iter()
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty())
             .collect();
-        Ok(Topology::new(&retry)?.dlq_topics(&inputs))
+        let dlq_override = self.dlq_topic.as_deref().filter(|t| !t.trim().is_empty());
+        crate::route::dlq_topics(dlq_override, &inputs)
     }
 }
 
@@ -135,23 +124,26 @@ pub async fn run(cmd: DlqCommand) -> anyhow::Result<()> {
 /// One dead letter as read.
 struct DeadLetter {
     msg: OwnedMessage,
+    /// Read once: every filter and the replayed copy look at them.
+    headers: RawHeaders,
 }
 
 impl DeadLetter {
-    fn headers(&self) -> RawHeaders {
-        self.msg
+    fn new(msg: OwnedMessage) -> DeadLetter {
+        let headers = msg
             .headers()
             .map(|hs| read_headers(hs.as_borrowed()))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        DeadLetter { msg, headers }
     }
 
     fn header(&self, name: &str) -> Option<String> {
-        self.headers()
-            .into_iter()
+        self.headers
+            .iter()
             .rev()
             .find(|(k, _)| k == name)
-            .and_then(|(_, v)| v)
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
     fn class(&self) -> String {
@@ -228,7 +220,7 @@ fn scan(
         if ends.get(&p).is_some_and(|end| o + 1 >= *end) {
             ends.remove(&p);
         }
-        if !each(DeadLetter { msg: m })? {
+        if !each(DeadLetter::new(m))? {
             break;
         }
     }
@@ -261,7 +253,7 @@ pub fn list(args: &ListArgs) -> anyhow::Result<String> {
         &format!("persistence-agent.dlq-list.{}", std::process::id()),
     )?;
     let mut out = String::new();
-    for topic in args.topics.names()? {
+    for topic in args.topics.names() {
         let mut classes: BTreeMap<String, ClassSummary> = BTreeMap::new();
         scan(&consumer, &topic, false, |d| {
             let s = classes.entry(d.class()).or_default();
@@ -309,11 +301,11 @@ impl ReplayArgs {
 /// from; retry state (attempt, first failure, due time, error) starts afresh.
 fn replay_headers(d: &DeadLetter) -> OwnedHeaders {
     let mut hs = OwnedHeaders::new();
-    for (k, v) in d.headers() {
+    for (k, v) in &d.headers {
         let keep = !k.starts_with(header::PREFIX) || k.starts_with("pa.original.");
         if keep {
             hs = hs.insert(Header {
-                key: &k,
+                key: k,
                 value: v.as_deref(),
             });
         }
@@ -342,7 +334,7 @@ pub async fn replay(args: &ReplayArgs) -> anyhow::Result<String> {
     let pool = crate::db::pool(&args.db)?;
     let mut db = pool.get().await?;
     let mut tally = Tally::default();
-    for topic in args.topics.names()? {
+    for topic in args.topics.names() {
         let mut picked: Vec<DeadLetter> = Vec::new();
         // Offsets to commit: per partition, the first dead letter not replayed (a filtered-out
         // one stays replayable by a later run with other filters).

@@ -78,10 +78,7 @@ impl Topology {
     }
 
     pub fn dlq_topic(&self, original: &str) -> String {
-        match &self.dlq_override {
-            Some(t) => t.clone(),
-            None => format!("{original}.dlq"),
-        }
+        dlq_topic(self.dlq_override.as_deref(), original)
     }
 
     /// Every tier topic of `inputs`, with its delay (deduplicated: overrides are shared).
@@ -99,10 +96,27 @@ impl Topology {
     }
 
     pub fn dlq_topics(&self, inputs: &[String]) -> Vec<String> {
-        let mut out: Vec<String> = inputs.iter().map(|i| self.dlq_topic(i)).collect();
-        out.dedup();
-        out
+        dlq_topics(self.dlq_override.as_deref(), inputs)
     }
+}
+
+/// The dead-letter topic of `original`: `DLQ_TOPIC` when set, else `<original>.dlq`.
+pub fn dlq_topic(dlq_override: Option<&str>, original: &str) -> String {
+    match dlq_override {
+        Some(t) => t.to_string(),
+        None => format!("{original}.dlq"),
+    }
+}
+
+/// The dead-letter topics of `inputs`, deduplicated (an override is shared by all).
+pub fn dlq_topics(dlq_override: Option<&str>, inputs: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in inputs.iter().map(|i| dlq_topic(dlq_override, i)) {
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    out
 }
 
 /// Where a failed message goes next.
