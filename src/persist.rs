@@ -29,12 +29,20 @@ pub struct Source {
     pub order_key: Option<Vec<u8>>,
 }
 
+/// What the transaction did with the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    New,
+    /// Already in the ledger: nothing written, the stored confirmation returned.
+    Duplicate,
+    /// Nothing written: an earlier request of the key waits in a retry tier.
+    Blocked,
+}
+
 #[derive(Debug, Clone)]
 pub struct Persisted {
     pub result: PersistenceResult,
-    pub duplicate: bool,
-    /// Nothing was written: an earlier request of the key waits in a retry tier.
-    pub blocked: bool,
+    pub written: Written,
     pub attempts: u32,
 }
 
@@ -170,9 +178,11 @@ impl Persister {
             .txn_duration
             .observe(started.elapsed().as_secs_f64());
         let label = match &result {
-            Ok(p) if p.duplicate => attempt::DUPLICATE,
-            Ok(p) if p.blocked => attempt::BLOCKED,
-            Ok(_) => attempt::COMMITTED,
+            Ok(p) => match p.written {
+                Written::New => attempt::COMMITTED,
+                Written::Duplicate => attempt::DUPLICATE,
+                Written::Blocked => attempt::BLOCKED,
+            },
             Err(f) => f.class,
         };
         self.metrics.txn_attempts.with_label_values(&[label]).inc();
@@ -218,8 +228,7 @@ impl Persister {
                 client.batch_execute("COMMIT").await?;
                 return Ok(Persisted {
                     result: bare_result(request_id),
-                    duplicate: false,
-                    blocked: true,
+                    written: Written::Blocked,
                     attempts: 0,
                 });
             }
@@ -228,8 +237,7 @@ impl Persister {
                     client.batch_execute("COMMIT").await?;
                     return Ok(Persisted {
                         result: from_ledger(confirmation, request_id),
-                        duplicate: true,
-                        blocked: false,
+                        written: Written::Duplicate,
                         attempts: 0,
                     });
                 }
@@ -247,8 +255,7 @@ impl Persister {
             committed?;
             Ok(Persisted {
                 result,
-                duplicate: false,
-                blocked: false,
+                written: Written::New,
                 attempts: 0,
             })
         }

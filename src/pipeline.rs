@@ -16,7 +16,7 @@ use crate::envelope::{format_time, Envelope, Origin};
 use crate::metrics::{outcome, Metrics};
 use crate::model::{status, PersistenceRequest, PersistenceResult, ResultError, Routing};
 use crate::park::{self, Gate};
-use crate::persist::{Persisted, Persister, Source};
+use crate::persist::{Persisted, Persister, Source, Written};
 use crate::results::{PendingResult, ResultPublisher};
 use crate::route::{self, Destination, Router};
 
@@ -173,7 +173,7 @@ impl Pipeline {
         let source = env.source(order_key);
         let (request_id, user_id, outcome) = self.process(&env.payload, &source).await;
         match outcome {
-            Ok(persisted) if persisted.blocked => Settled::Blocked,
+            Ok(persisted) if persisted.written == Written::Blocked => Settled::Blocked,
             Ok(persisted) => Settled::Persisted(self.succeeded(env, persisted)),
             Err(f) if f.disposition == Disposition::Fatal => {
                 self.stop_fatal(&f);
@@ -359,7 +359,8 @@ impl Pipeline {
     }
 
     fn succeeded(&self, env: &Envelope, p: Persisted) -> PersistenceResult {
-        let label = if p.duplicate {
+        let duplicate = p.written == Written::Duplicate;
+        let label = if duplicate {
             outcome::DUPLICATE
         } else {
             outcome::PERSISTED
@@ -385,7 +386,7 @@ impl Pipeline {
         let r = p.result;
         let meta = r.persistence_metadata.as_ref();
         tracing::info!(
-            action = if p.duplicate { "RECOMMENDATION_DUPLICATE" } else { "RECOMMENDATION_PERSISTED" },
+            action = if duplicate { "RECOMMENDATION_DUPLICATE" } else { "RECOMMENDATION_PERSISTED" },
             recommendationId = r.recommendation_id.as_deref().unwrap_or_default(),
             userId = r.user_id.as_deref().unwrap_or_default(),
             requestId = %r.request_id,
