@@ -3,12 +3,8 @@
 
 mod common;
 
-use common::{request, stop, Env};
+use common::{json, request, stop, Env};
 use persistence_agent::envelope::header;
-
-fn json(v: serde_json::Value) -> Vec<u8> {
-    v.to_string().into_bytes()
-}
 
 /// The agent parked a request as its key's head, then stopped before its tier copy was
 /// acknowledged: the redelivered request is settled again, as the head, and releases the key.
@@ -36,17 +32,7 @@ async fn a_head_parked_before_a_crash_is_settled_on_redelivery() {
         0,
         "key released"
     );
-    let order: Vec<String> = env
-        .pg
-        .query(
-            "SELECT request_id FROM processed_request ORDER BY transaction_id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let order = env.request_ids(None).await;
     assert_eq!(order, ["a1", "a2"]);
     assert_eq!(env.committed(0), Some(2));
 }
@@ -97,17 +83,7 @@ async fn a_follower_promoted_before_a_crash_is_resumed_by_the_release() {
     env.wait_count("SELECT count(*) FROM processed_request", 3, 30)
         .await;
     stop(agent).await;
-    let order: Vec<String> = env
-        .pg
-        .query(
-            "SELECT request_id FROM processed_request ORDER BY transaction_id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let order = env.request_ids(None).await;
     assert_eq!(order, ["b-1", "b-2", "b-3"]);
     assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);

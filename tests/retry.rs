@@ -4,13 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{request, stop, wait_for, Env, Record};
+use common::{json, request, stop, wait_for, Env, Record};
 use persistence_agent::envelope::{header, parse_time};
 use persistence_agent::metrics::outcome;
-
-fn json(v: serde_json::Value) -> Vec<u8> {
-    v.to_string().into_bytes()
-}
 
 fn due_ms(r: &Record) -> i64 {
     parse_time(r.header(header::DUE))
@@ -286,17 +282,7 @@ async fn keeps_key_order_while_a_request_is_parked() {
         60,
     )
     .await;
-    let order: Vec<String> = env
-        .pg
-        .query(
-            "SELECT request_id FROM processed_request WHERE user_id = 'alice' ORDER BY transaction_id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let order = env.request_ids(Some("alice")).await;
     assert_eq!(order, ["a1", "a2", "a3"]);
     let moods: Vec<String> = env
         .pg

@@ -354,6 +354,11 @@ pub fn read(
     out
 }
 
+/// A JSON request's bytes.
+pub fn json(v: serde_json::Value) -> Vec<u8> {
+    v.to_string().into_bytes()
+}
+
 pub fn request(user: &str, request_id: Option<&str>, books: &[(&str, f64)]) -> serde_json::Value {
     let books: Vec<_> = books
         .iter()
@@ -641,6 +646,21 @@ impl Env {
 
     pub fn tier_topic(&self, label: &str) -> String {
         format!("{}.retry.{label}", self.topic)
+    }
+
+    /// Request ids in the ledger in commit order (of one user, when given).
+    pub async fn request_ids(&self, user: Option<&str>) -> Vec<String> {
+        self.pg
+            .query(
+                "SELECT request_id FROM processed_request
+                 WHERE $1::text IS NULL OR user_id = $1 ORDER BY transaction_id",
+                &[&user],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     }
 
     pub fn dlq(&self) -> String {
