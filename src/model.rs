@@ -216,8 +216,6 @@ pub fn round2(x: f64) -> f64 {
 /// `persistenceStatus` values of the result event.
 pub mod status {
     pub const SUCCESS: &str = "success";
-    /// Not persisted and not routed (kept for consumers of older events; no longer emitted).
-    pub const FAILED: &str = "failed";
     /// Forwarded to a delayed retry tier; `routing` says which and when it is due.
     pub const RETRY_SCHEDULED: &str = "retry_scheduled";
     /// Forwarded to the dead-letter topic; `error` says why.
