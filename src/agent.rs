@@ -199,7 +199,7 @@ fn pipeline(
         args.retry.give_up_after,
     );
     Ok(Pipeline {
-        decoder: Decoder::new(registry)?,
+        decoder: Decoder::new(registry, args.max_message_bytes)?,
         persister: Persister::new(
             pool,
             args.statement_timeout,
@@ -211,7 +211,7 @@ fn pipeline(
         metrics,
         max_message_bytes: args.max_message_bytes,
         order_by_key: args.retry.order_by_key,
-        input_topics: args.input_topics().into_iter().collect(),
+        trust: crate::envelope::Trust::new(args.input_topics()),
         shutdown,
         fatal,
         outage_waiters: Default::default(),

@@ -71,9 +71,24 @@ impl Failure {
     /// once in-process retries are spent: the database is down, or every connection broke or
     /// stayed busy, none of which says anything about the message itself.
     pub fn waits_for_database(&self) -> bool {
-        self.disposition == Disposition::Outage
-            || self.class == class::CONNECTION
-            || self.class == class::POOL
+        self.disposition == Disposition::Outage || self.class == class::CONNECTION
+    }
+
+    /// Every pooled connection stayed busy: the message waits for one (it says nothing about
+    /// the message, and a busy pool is not an outage: consumption is not paused for it).
+    pub fn waits_for_connection(&self) -> bool {
+        self.class == class::POOL
+    }
+
+    /// No reply within the client-side deadline: a hung connection (half-open socket, frozen
+    /// server) is treated like a database that is down.
+    pub fn hung(after: std::time::Duration) -> Self {
+        Self::new(
+            class::OUTAGE,
+            "client_deadline",
+            format!("no reply from the database within {after:?}"),
+            Disposition::Outage,
+        )
     }
 
     /// An invariant of ours broke; retrying may get past a transient cause.
@@ -198,7 +213,9 @@ pub fn classify_sqlstate(state: &SqlState) -> (&'static str, Disposition) {
             || *state == SqlState::CRASH_SHUTDOWN
             || *state == SqlState::CANNOT_CONNECT_NOW
             || *state == SqlState::TOO_MANY_CONNECTIONS
-            || *state == SqlState::READ_ONLY_SQL_TRANSACTION =>
+            || *state == SqlState::READ_ONLY_SQL_TRANSACTION
+            // A hot standby refuses SERIALIZABLE: the primary is gone (failover under way).
+            || *state == SqlState::FEATURE_NOT_SUPPORTED =>
         {
             (class::OUTAGE, Outage)
         }
@@ -246,6 +263,7 @@ mod tests {
             (SqlState::CANNOT_CONNECT_NOW, Outage),
             (SqlState::TOO_MANY_CONNECTIONS, Outage),
             (SqlState::READ_ONLY_SQL_TRANSACTION, Outage),
+            (SqlState::FEATURE_NOT_SUPPORTED, Outage),
             (SqlState::UNDEFINED_TABLE, Fatal),
             (SqlState::INTERNAL_ERROR, RetryTier),
             (SqlState::DISK_FULL, Outage),

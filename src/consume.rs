@@ -394,9 +394,19 @@ impl PollLoop {
         if gate.is_behind_a_wait(&tp, msg.offset()) {
             return true;
         }
-        let Some(due) = gate.due_at(msg).filter(|d| *d > chrono::Utc::now()) else {
+        if gate.was_released(&tp, msg.offset()) {
+            return false;
+        }
+        let Some((due, clamped)) = gate.due_at(msg) else {
             return false;
         };
+        if clamped {
+            let m = &self.shared.metrics.headers_clamped;
+            m.with_label_values(&[crate::envelope::header::DUE]).inc();
+        }
+        if due <= chrono::Utc::now() {
+            return false;
+        }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&tp.0, tp.1);
         let held = self.consumer.pause(&tpl).and_then(|_| {
@@ -480,9 +490,9 @@ pub async fn worker(
             // The next message starts while the broker acknowledges this one's result event.
             Handled::Done(Some(pending)) => {
                 let done = done.clone();
+                let p = pipeline.clone();
                 tokio::spawn(async move {
-                    pending.delivered().await;
-                    c.done = true;
+                    c.done = pending.delivered(&p.shutdown, &p.fatal).await;
                     let _ = done.send(c);
                 });
                 continue;

@@ -26,6 +26,13 @@ pub fn pool(args: &DatabaseArgs) -> anyhow::Result<Pool> {
     }
     cfg.application_name("persistence-agent");
     cfg.connect_timeout(Duration::from_secs(5));
+    // A half-open socket (a failover, a dropped route) would otherwise hang a worker for the
+    // kernel's ~15 minutes: probe idle connections and give up on unacknowledged writes.
+    cfg.keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
     let mgr = Manager::from_config(
         cfg,
         NoTls,

@@ -11,6 +11,8 @@ use apache_avro::Schema;
 use crate::model::PersistenceRequest;
 use crate::schemas::{self, SchemaRegistry};
 
+pub mod bounds;
+
 pub const CONFLUENT_MAGIC: u8 = 0x00;
 pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
 
@@ -47,6 +49,8 @@ pub enum DecodeError {
     UnknownFingerprint(u64),
     #[error("avro data does not match its writer schema: {0}")]
     Avro(String),
+    #[error("avro data declares more than it holds: {0}")]
+    Bounds(#[from] bounds::BoundsError),
     #[error("avro data cannot be resolved to the request schema: {0}")]
     Resolution(String),
     #[error("request does not match the contract: {0}")]
@@ -66,6 +70,7 @@ impl DecodeError {
             Self::UnknownSchemaId(_) => "unknown_schema_id",
             Self::UnknownFingerprint(_) => "unknown_fingerprint",
             Self::Avro(_) => "invalid_avro",
+            Self::Bounds(b) => b.code(),
             Self::Resolution(_) => "schema_resolution",
             Self::Contract(_) => "contract_mismatch",
             Self::RegistryUnavailable(_) => "registry_unavailable",
@@ -80,7 +85,10 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    pub fn new(registry: SchemaRegistry) -> anyhow::Result<Self> {
+    /// `max_message_bytes` also caps apache-avro's process-wide allocation limit (the first
+    /// decoder in a process sets it): no single length in a message can exceed the message.
+    pub fn new(registry: SchemaRegistry, max_message_bytes: usize) -> anyhow::Result<Self> {
+        apache_avro::util::max_allocation_bytes(max_message_bytes.max(1));
         let by_fingerprint = schemas::request_schemas()?
             .into_iter()
             .map(|s| (fingerprint(&s), Arc::new(s)))
@@ -131,6 +139,14 @@ impl Decoder {
         writer: &Schema,
         mut body: &[u8],
     ) -> Result<PersistenceRequest, DecodeError> {
+        // apache-avro reserves what a message declares before reading it: check first.
+        let used = bounds::check(writer, body)?;
+        if used != body.len() {
+            return Err(DecodeError::Avro(format!(
+                "{} trailing bytes",
+                body.len() - used
+            )));
+        }
         let value = apache_avro::from_avro_datum(writer, &mut body, None)
             .map_err(|e| DecodeError::Avro(e.to_string()))?;
         if !body.is_empty() {
@@ -201,7 +217,7 @@ mod tests {
     use super::*;
 
     fn decoder() -> Decoder {
-        Decoder::new(SchemaRegistry::local().unwrap()).unwrap()
+        Decoder::new(SchemaRegistry::local().unwrap(), 1 << 20).unwrap()
     }
 
     #[tokio::test]

@@ -16,6 +16,21 @@ pub struct DueGate {
     delays: HashMap<String, Duration>,
     /// Paused partitions: the offset waited for and when it is due.
     waiting: HashMap<TopicPartition, (i64, DateTime<Utc>)>,
+    /// The message each partition last waited for, once due: it is never held again, however
+    /// its headers read (a clamped due time is relative to now, and would otherwise recede).
+    released: HashMap<TopicPartition, i64>,
+}
+
+/// `due`, or `now + delay` when that is sooner.
+pub fn clamp(
+    due: DateTime<Utc>,
+    now: DateTime<Utc>,
+    delay: chrono::Duration,
+) -> (DateTime<Utc>, bool) {
+    match now.checked_add_signed(delay) {
+        Some(latest) if due > latest => (latest, true),
+        _ => (due, false),
+    }
 }
 
 impl DueGate {
@@ -23,22 +38,32 @@ impl DueGate {
         DueGate {
             delays: topics.iter().cloned().collect(),
             waiting: HashMap::new(),
+            released: HashMap::new(),
         }
     }
 
     /// When `msg` is due: its `pa.due` header, else its timestamp (tier entry) plus the tier's
-    /// delay, so any owner computes the same time. None when it has no timing at all.
-    pub fn due_at(&self, msg: &OwnedMessage) -> Option<DateTime<Utc>> {
+    /// delay, so any owner computes the same time. Headers and timestamps are untrusted: a due
+    /// time later than the tier's delay from now is clamped to it (`true` says it was), so a
+    /// garbled date cannot hold a partition. None when it is not a tier message.
+    pub fn due_at(&self, msg: &OwnedMessage) -> Option<(DateTime<Utc>, bool)> {
+        let delay = chrono::Duration::from_std(*self.delays.get(msg.topic())?).ok()?;
         let headers = msg
             .headers()
             .map(|hs| read_headers(hs.as_borrowed()))
             .unwrap_or_default();
         let from_header = header_str(&headers, header::DUE).and_then(parse_time);
-        from_header.or_else(|| {
+        let from_timestamp = || {
             let entered = DateTime::from_timestamp_millis(msg.timestamp().to_millis()?)?;
-            let delay = self.delays.get(msg.topic())?;
-            Some(entered + chrono::Duration::from_std(*delay).ok()?)
-        })
+            entered.checked_add_signed(delay)
+        };
+        let due = from_header.or_else(from_timestamp)?;
+        Some(clamp(due, Utc::now(), delay))
+    }
+
+    /// Whether this message already waited its turn (it is due, whatever its headers say).
+    pub fn was_released(&mut self, tp: &TopicPartition, offset: i64) -> bool {
+        self.released.get(tp).is_some_and(|o| *o == offset)
     }
 
     /// Whether this message of a paused partition was fetched before the pause took effect;
@@ -59,8 +84,9 @@ impl DueGate {
             .filter(|(_, (_, at))| *at <= now)
             .map(|(tp, (offset, _))| (tp.clone(), *offset))
             .collect();
-        due.iter().for_each(|(tp, _)| {
+        due.iter().for_each(|(tp, offset)| {
             self.waiting.remove(tp);
+            self.released.insert(tp.clone(), *offset);
         });
         due
     }
@@ -80,5 +106,65 @@ impl DueGate {
     /// After a rebalance every partition restarts from its committed offset.
     pub fn clear(&mut self) {
         self.waiting.clear();
+        self.released.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::Timestamp;
+
+    fn tier_message(timestamp_ms: i64, due: Option<&str>) -> OwnedMessage {
+        let headers = due.map(|d| {
+            OwnedHeaders::new().insert(Header {
+                key: header::DUE,
+                value: Some(d),
+            })
+        });
+        OwnedMessage::new(
+            None,
+            None,
+            "in.retry.5m".into(),
+            Timestamp::CreateTime(timestamp_ms),
+            0,
+            0,
+            headers,
+        )
+    }
+
+    fn gate() -> DueGate {
+        DueGate::new(&[("in.retry.5m".into(), Duration::from_secs(300))])
+    }
+
+    #[test]
+    fn far_future_timestamp_is_clamped_not_a_panic() {
+        // The latest time chrono represents: adding the tier delay overflows.
+        let max_ms = DateTime::<Utc>::MAX_UTC.timestamp_millis();
+        for ts in [max_ms, max_ms - 1000, i64::MAX, i64::MIN, -1] {
+            let before = Utc::now();
+            if let Some((due, _)) = gate().due_at(&tier_message(ts, None)) {
+                assert!(
+                    due <= Utc::now() + chrono::Duration::seconds(300),
+                    "{ts}: {due}"
+                );
+                assert!(due >= before - chrono::Duration::days(365 * 300_000));
+            }
+        }
+    }
+
+    #[test]
+    fn garbled_due_header_is_clamped_to_the_tier_delay() {
+        let now = Utc::now().timestamp_millis();
+        let (due, clamped) = gate()
+            .due_at(&tier_message(now, Some("9999-12-31T23:59:59Z")))
+            .unwrap();
+        assert!(clamped);
+        assert!(due <= Utc::now() + chrono::Duration::seconds(300));
+        let (_, clamped) = gate()
+            .due_at(&tier_message(now, Some("2020-01-01T00:00:00Z")))
+            .unwrap();
+        assert!(!clamped, "a due time in the past is simply due");
     }
 }

@@ -1,6 +1,7 @@
 //! A consumed message with its retry state: where it first came from, how often it failed and
 //! since when. Read from the `pa.*` headers a retry hop or a replay wrote.
 
+use std::collections::HashSet;
 use std::ffi::CStr;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -35,6 +36,9 @@ pub mod header {
 
 pub type RawHeaders = Vec<(String, Option<Vec<u8>>)>;
 
+/// Highest `pa.attempt` believed; any count at or past the number of tiers dead-letters.
+pub const MAX_ATTEMPT: u32 = 1000;
+
 /// Where a message was first published, before any retry hop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
@@ -42,6 +46,22 @@ pub struct Origin {
     pub partition: i32,
     pub offset: i64,
     pub timestamp_ms: Option<i64>,
+}
+
+/// Which headers are believed. Only the agent's own tier topics carry retry state: on an input
+/// topic (a producer's stray headers, a replay, a parked request read back) a request starts
+/// afresh, and origin headers naming a topic we do not consume are ignored.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    pub input_topics: HashSet<String>,
+}
+
+impl Trust {
+    pub fn new(input_topics: impl IntoIterator<Item = String>) -> Trust {
+        Trust {
+            input_topics: input_topics.into_iter().collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -58,10 +78,12 @@ pub struct Envelope {
     /// Failed processing attempts so far that were routed to a tier (0: fresh).
     pub attempt: u32,
     pub first_failure: Option<DateTime<Utc>>,
+    /// Retry headers whose values were out of bounds and clamped (for the metric).
+    pub clamped: Vec<&'static str>,
 }
 
 impl Envelope {
-    pub fn from_message(m: &OwnedMessage) -> Envelope {
+    pub fn from_message(m: &OwnedMessage, trust: &Trust) -> Envelope {
         let headers = m
             .headers()
             .map(|hs| read_headers(hs.as_borrowed()))
@@ -72,44 +94,28 @@ impl Envelope {
             m.payload().unwrap_or_default().to_vec(),
             headers,
             m.timestamp().to_millis(),
+            trust,
         )
     }
 
-    /// `at` is (topic, partition, offset) where this copy was read.
+    /// The one constructor: `at` is (topic, partition, offset) where this copy was read, and
+    /// `trust` decides which of its `pa.*` headers count.
     pub fn new(
         at: (String, i32, i64),
         key: Option<Vec<u8>>,
         payload: Vec<u8>,
         headers: RawHeaders,
         timestamp_ms: Option<i64>,
+        trust: &Trust,
     ) -> Envelope {
         let (topic, partition, offset) = at;
-        let get = |name: &str| header_str(&headers, name);
-        let origin = match (
-            get(header::ORIGINAL_TOPIC),
-            get(header::ORIGINAL_PARTITION).and_then(|p| p.parse().ok()),
-            get(header::ORIGINAL_OFFSET).and_then(|o| o.parse().ok()),
-        ) {
-            (Some(t), Some(p), Some(o)) => Origin {
-                topic: t.to_string(),
-                partition: p,
-                offset: o,
-                timestamp_ms: get(header::ORIGINAL_TIMESTAMP)
-                    .and_then(parse_time)
-                    .map(|t| t.timestamp_millis()),
-            },
-            _ => Origin {
-                topic: topic.clone(),
-                partition,
-                offset,
-                timestamp_ms,
-            },
+        let here = Origin {
+            topic: topic.clone(),
+            partition,
+            offset,
+            timestamp_ms,
         };
-        let attempt = get(header::ATTEMPT)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(0);
-        let first_failure = get(header::FIRST_FAILURE).and_then(parse_time);
-        Envelope {
+        let mut env = Envelope {
             topic,
             partition,
             offset,
@@ -117,10 +123,50 @@ impl Envelope {
             payload,
             headers,
             timestamp_ms,
-            origin,
-            attempt,
-            first_failure,
+            origin: here,
+            attempt: 0,
+            first_failure: None,
+            clamped: Vec::new(),
+        };
+        if !trust.input_topics.contains(&env.topic) {
+            env.read_retry_state(trust, Utc::now());
         }
+        env
+    }
+
+    /// Retry state from the headers of a tier copy, each value bounded.
+    fn read_retry_state(&mut self, trust: &Trust, now: DateTime<Utc>) {
+        let get = |name: &str| header_str(&self.headers, name);
+        let origin = match (
+            get(header::ORIGINAL_TOPIC).filter(|t| trust.input_topics.contains(*t)),
+            get(header::ORIGINAL_PARTITION).and_then(|p| p.parse::<i32>().ok()),
+            get(header::ORIGINAL_OFFSET).and_then(|o| o.parse::<i64>().ok()),
+        ) {
+            (Some(t), Some(p), Some(o)) if p >= 0 && o >= 0 => Some(Origin {
+                topic: t.to_string(),
+                partition: p,
+                offset: o,
+                timestamp_ms: get(header::ORIGINAL_TIMESTAMP)
+                    .and_then(parse_time)
+                    .map(|t| t.min(now).timestamp_millis()),
+            }),
+            _ => None,
+        };
+        let attempt = get(header::ATTEMPT).and_then(|a| a.trim().parse::<u64>().ok());
+        let first_failure = get(header::FIRST_FAILURE).and_then(parse_time);
+        let mut clamped = Vec::new();
+        if attempt.is_some_and(|a| a > u64::from(MAX_ATTEMPT)) {
+            clamped.push(header::ATTEMPT);
+        }
+        if first_failure.is_some_and(|t| t > now) {
+            clamped.push(header::FIRST_FAILURE);
+        }
+        if let Some(o) = origin {
+            self.origin = o;
+        }
+        self.attempt = attempt.map_or(0, |a| a.min(u64::from(MAX_ATTEMPT)) as u32);
+        self.first_failure = first_failure.map(|t| t.min(now));
+        self.clamped = clamped;
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -199,7 +245,15 @@ mod tests {
     #[test]
     fn origin_comes_from_headers_after_a_hop() {
         let h = |k: &str, v: &str| (k.to_string(), Some(v.as_bytes().to_vec()));
-        let fresh = Envelope::new(("in".into(), 2, 40), None, vec![], vec![], Some(1000));
+        let trust = Trust::new(["in".to_string()]);
+        let fresh = Envelope::new(
+            ("in".into(), 2, 40),
+            None,
+            vec![],
+            vec![],
+            Some(1000),
+            &trust,
+        );
         assert_eq!(
             (fresh.origin.topic.as_str(), fresh.origin.offset),
             ("in", 40)
@@ -217,6 +271,7 @@ mod tests {
                 h(header::FIRST_FAILURE, "2026-01-01T00:00:00.000Z"),
             ],
             Some(2000),
+            &trust,
         );
         let source = hop.source(None);
         assert_eq!(source.topic, "in");

@@ -57,6 +57,10 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub retry_routed: IntCounterVec,
     pub time_to_success: HistogramVec,
+    pub headers_clamped: IntCounterVec,
+    pub parked_keys: IntGauge,
+    pub parked_oldest_age: prometheus::Gauge,
+    pub parked_keys_reaped: prometheus::IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -195,6 +199,31 @@ impl Metrics {
                 &["tier"],
             )
             .unwrap(),
+            headers_clamped: IntCounterVec::new(
+                opts(
+                    "untrusted_headers_clamped_total",
+                    "Retry headers whose value was out of bounds (a due time past the tier's delay, \
+                     a first failure in the future, an attempt count past the limit) and was \
+                     clamped, by header.",
+                ),
+                &["header"],
+            )
+            .unwrap(),
+            parked_keys: IntGauge::with_opts(opts(
+                "parked_keys",
+                "Keys whose requests are held behind a head waiting in a retry tier.",
+            ))
+            .unwrap(),
+            parked_oldest_age: prometheus::Gauge::with_opts(opts(
+                "parked_key_oldest_age_seconds",
+                "Age of the oldest parked key (since its head entered a retry tier), 0 when none.",
+            ))
+            .unwrap(),
+            parked_keys_reaped: prometheus::IntCounter::with_opts(opts(
+                "parked_keys_reaped_total",
+                "Parked keys whose head could no longer be in any retry tier, released by the reaper.",
+            ))
+            .unwrap(),
             registry,
         };
         m.register_all();
@@ -226,6 +255,10 @@ impl Metrics {
             Box::new(self.dead_letters.clone()),
             Box::new(self.retry_routed.clone()),
             Box::new(self.time_to_success.clone()),
+            Box::new(self.headers_clamped.clone()),
+            Box::new(self.parked_keys.clone()),
+            Box::new(self.parked_oldest_age.clone()),
+            Box::new(self.parked_keys_reaped.clone()),
         ];
         for c in collectors {
             self.registry.register(c).expect("metric names are unique");

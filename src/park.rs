@@ -7,7 +7,7 @@
 use deadpool_postgres::Pool;
 
 use crate::classify::Failure;
-use crate::envelope::{Envelope, RawHeaders};
+use crate::envelope::{Envelope, RawHeaders, Trust};
 
 /// A key of one input partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,8 +134,14 @@ const FOLLOWER_COLUMNS: &str =
     "id, source_offset, value, header_names, header_values, message_timestamp";
 
 /// The next step of releasing the key whose current head is the request at offset `head`.
-/// When no follower is left the key is released in the same transaction.
-pub async fn next_follower(pool: &Pool, key: &ParkKey, head: i64) -> Result<Next, Failure> {
+/// When no follower is left the key is released in the same transaction. A parked request is
+/// read back through `trust` like any consumed one: its stored headers carry no retry state.
+pub async fn next_follower(
+    pool: &Pool,
+    key: &ParkKey,
+    head: i64,
+    trust: &Trust,
+) -> Result<Next, Failure> {
     let mut c = pool.get().await.map_err(|e| Failure::from(&e))?;
     let tx = c.transaction().await?;
     let keyp: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
@@ -161,7 +167,7 @@ pub async fn next_follower(pool: &Pool, key: &ParkKey, head: i64) -> Result<Next
             )
             .await?;
         tx.commit().await?;
-        return Ok(promoted.map_or(Next::Done, |r| Next::Resume(follower(key, &r))));
+        return Ok(promoted.map_or(Next::Done, |r| Next::Resume(follower(key, &r, trust))));
     }
     let next = tx
         .query_opt(
@@ -182,10 +188,10 @@ pub async fn next_follower(pool: &Pool, key: &ParkKey, head: i64) -> Result<Next
         return Ok(Next::Done);
     };
     tx.commit().await?;
-    Ok(Next::Follower(follower(key, &row)))
+    Ok(Next::Follower(follower(key, &row, trust)))
 }
 
-fn follower(key: &ParkKey, row: &tokio_postgres::Row) -> Follower {
+fn follower(key: &ParkKey, row: &tokio_postgres::Row, trust: &Trust) -> Follower {
     let names: Vec<String> = row.get(3);
     let values: Vec<Option<Vec<u8>>> = row.get(4);
     let headers: RawHeaders = names.into_iter().zip(values).collect();
@@ -195,6 +201,7 @@ fn follower(key: &ParkKey, row: &tokio_postgres::Row) -> Follower {
         row.get(2),
         headers,
         row.get(5),
+        trust,
     );
     Follower {
         id: row.get(0),

@@ -99,6 +99,9 @@ WHERE EXISTS (SELECT 1 FROM blocked)
   AND NOT EXISTS (SELECT 1 FROM processed_request WHERE request_id = $1)
 "#;
 
+/// Added to twice the statement timeout for the client-side deadline of one transaction.
+const CLIENT_DEADLINE_MARGIN: Duration = Duration::from_secs(5);
+
 const CONFIRM_SQL: &str = "UPDATE processed_request SET confirmation = $2 WHERE request_id = $1";
 
 pub struct Persister {
@@ -171,9 +174,14 @@ impl Persister {
         timeout: Duration,
     ) -> Result<Persisted, Failure> {
         let started = Instant::now();
-        let result = self
-            .transaction(req, request_id, source, timeout, started)
-            .await;
+        // The server's statement timeout cannot fire on a connection that no longer answers:
+        // a client-side deadline over both round trips (the connection is then discarded).
+        let deadline = timeout * 2 + CLIENT_DEADLINE_MARGIN;
+        let txn = self.transaction(req, request_id, source, timeout, started);
+        let result = match tokio::time::timeout(deadline, txn).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::hung(deadline)),
+        };
         self.metrics
             .txn_duration
             .observe(started.elapsed().as_secs_f64());

@@ -1,7 +1,6 @@
 //! The single place that decides a message's outcome: park (per-key order) → decode → validate
 //! → persist, or route to a retry tier / the dead-letter topic → result event.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::classify::{Disposition, Failure};
 use crate::decode::{DecodeError, Decoder};
-use crate::envelope::{format_time, Envelope, Origin};
+use crate::envelope::{format_time, Envelope, Trust};
 use crate::metrics::{outcome, Metrics};
 use crate::model::{status, PersistenceRequest, PersistenceResult, ResultError, Routing};
 use crate::park::{self, Gate};
@@ -21,7 +20,7 @@ use crate::results::{PendingResult, ResultPublisher};
 use crate::route::{self, Destination, Router};
 
 mod ordering;
-use ordering::Order;
+use ordering::{Hold, Order};
 use rdkafka::error::KafkaError;
 
 /// What the consumer may do with the message's offset.
@@ -37,8 +36,9 @@ pub enum Handled {
 /// How processing a request ended.
 enum Settled {
     Persisted(PersistenceResult),
-    /// Forwarded, and acknowledged by the broker.
-    Routed(PersistenceResult, Destination),
+    /// Forwarded, and acknowledged by the broker; `headed` when routing made the request its
+    /// key's head (it must then release or hand on the key, wherever it ended).
+    Routed(PersistenceResult, Destination, bool),
     /// Shutdown or a fatal error came first: nothing durable happened.
     Abandoned,
     /// Nothing written: an earlier request of the key waits in a retry tier.
@@ -56,8 +56,8 @@ pub struct Pipeline {
     pub max_message_bytes: usize,
     /// Keep a key's requests in order while one waits in a retry tier.
     pub order_by_key: bool,
-    /// Origin headers naming any other topic are ignored (they would name topics and labels).
-    pub input_topics: HashSet<String>,
+    /// Which headers count: retry state only on tier topics, origins only naming input topics.
+    pub trust: Trust,
     /// Cancelled at shutdown; also cancelled by a fatal error, with `fatal` set.
     pub shutdown: CancellationToken,
     pub fatal: Arc<std::sync::OnceLock<String>>,
@@ -69,6 +69,12 @@ pub struct Pipeline {
 /// the brokers taking a forwarded message).
 const FIRST_HOLD: Duration = Duration::from_millis(200);
 const MAX_HOLD: Duration = Duration::from_secs(30);
+/// Probing a database that is down is one cheap connection attempt: probe often, so writing
+/// resumes within about a second of its return.
+const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+const WRITABLE_SQL: &str =
+    "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'";
 
 /// A request id for messages without `metadata.requestId`, stable across redeliveries.
 pub fn derived_request_id(source: &Source) -> String {
@@ -80,37 +86,15 @@ pub fn derived_request_id(source: &Source) -> String {
 
 impl Pipeline {
     pub async fn handle(&self, msg: &OwnedMessage) -> Handled {
-        let env = self.envelope(msg);
+        let env = Envelope::from_message(msg, &self.trust);
         self.metrics
             .messages_consumed
             .with_label_values(&[&env.topic])
             .inc();
-        // A fresh keyed request is checked against parked keys inside its own transaction
-        // (no extra round trip); only a blocked one takes the parking step.
-        let order = match self.order_by_key && env.attempt == 0 {
-            true => park::ParkKey::of(&env).map_or(Order::Unordered, |k| Order::Fresh(k.key)),
-            false => Order::Unordered,
-        };
-        // A tier copy heads its key; so does a request found parked for itself.
-        let mut is_head = env.attempt > 0;
-        let mut settled = self.settle(&env, &order).await;
-        if matches!(settled, Settled::Blocked) {
-            match self
-                .db("park", || park::gate(self.persister.pool(), &env))
-                .await
-            {
-                None => return Handled::Abandoned,
-                Some(Gate::Parked) => settled = Settled::Parked,
-                // Released since the transaction looked: go ahead.
-                Some(Gate::Free) => settled = self.settle(&env, &Order::Unordered).await,
-                // Parked as head, but the agent stopped before its tier copy was acknowledged
-                // (or this is a replay of the head): settle it again, as the head.
-                Some(Gate::Head) => {
-                    is_head = true;
-                    settled = self.settle(&env, &Order::Unordered).await;
-                }
-            }
+        for h in &env.clamped {
+            self.metrics.headers_clamped.with_label_values(&[h]).inc();
         }
+        let (settled, is_head) = self.settle_in_order(&env).await;
         let result = match settled {
             Settled::Abandoned | Settled::Blocked => return Handled::Abandoned,
             Settled::Parked => {
@@ -118,11 +102,11 @@ impl Pipeline {
                 return Handled::Done(None);
             }
             Settled::Persisted(r) => r,
-            Settled::Routed(r, Destination::Tier { .. }) => {
+            Settled::Routed(r, Destination::Tier { .. }, _) => {
                 self.observe_latency(&env, &r);
                 return Handled::Done(self.results.publish(&r).await);
             }
-            Settled::Routed(r, Destination::DeadLetter { .. }) => r,
+            Settled::Routed(r, Destination::DeadLetter { .. }, _) => r,
         };
         // A head's outcome is final: the requests parked behind it go next, before its commit.
         if is_head && !self.release(&env).await {
@@ -132,30 +116,46 @@ impl Pipeline {
         Handled::Done(self.results.publish(&result).await)
     }
 
-    /// The message with its retry state; origin headers naming a topic we do not consume are
-    /// ignored.
-    fn envelope(&self, msg: &OwnedMessage) -> Envelope {
-        let mut env = Envelope::from_message(msg);
-        if !self.input_topics.contains(&env.origin.topic) {
-            env.origin = Origin {
-                topic: env.topic.clone(),
-                partition: env.partition,
-                offset: env.offset,
-                timestamp_ms: env.timestamp_ms,
-            };
+    /// Settles `env` keeping its key's order, and says whether it ended as its key's head (a
+    /// tier copy, a request found parked for itself, or one that routing made head), which
+    /// must then release or hand on the key wherever it ended.
+    async fn settle_in_order(&self, env: &Envelope) -> (Settled, bool) {
+        let fresh = self.trust.input_topics.contains(&env.topic);
+        // A fresh keyed request is checked against parked keys inside its own transaction (no
+        // extra round trip); only a blocked one takes the parking step.
+        let mut order = match self.order_by_key && fresh {
+            true => park::ParkKey::of(env).map_or(Order::Unordered, |k| Order::Fresh(k.key)),
+            false => Order::Unordered,
+        };
+        let mut is_head = !fresh;
+        loop {
+            let settled = self.settle(env, &order).await;
+            if !matches!(settled, Settled::Blocked) {
+                let headed = matches!(settled, Settled::Routed(_, _, true));
+                return (settled, is_head || headed);
+            }
+            match self
+                .db("park", || park::gate(self.persister.pool(), env))
+                .await
+            {
+                None => return (Settled::Abandoned, false),
+                Some(Gate::Parked) => return (Settled::Parked, false),
+                // Released since the transaction looked: try again, still in order, so a
+                // failure now parks it as head before it goes to a tier.
+                Some(Gate::Free) => {}
+                // Parked as head, but the agent stopped before its tier copy was acknowledged
+                // (or this is a replay of the head): settle it again, as the head.
+                Some(Gate::Head) => {
+                    is_head = true;
+                    order = Order::Unordered;
+                }
+            }
         }
-        // On an input topic a request starts afresh (a replay, or a producer's stray headers);
-        // only the agent's own tier topics carry retry state.
-        if self.input_topics.contains(&env.topic) {
-            env.attempt = 0;
-            env.first_failure = None;
-        }
-        env
     }
 
     fn observe_latency(&self, env: &Envelope, result: &PersistenceResult) {
         if let Some(ts) = env.origin.timestamp_ms {
-            let age = (Utc::now().timestamp_millis() - ts).max(0) as f64 / 1000.0;
+            let age = Utc::now().timestamp_millis().saturating_sub(ts).max(0) as f64 / 1000.0;
             self.metrics
                 .end_to_end_latency
                 .with_label_values(&[outcome_label(result)])
@@ -202,11 +202,13 @@ impl Pipeline {
     ) -> Settled {
         let now = Utc::now();
         let mut dest = self.router.destination(env, &f, now);
+        let mut headed = false;
         if matches!(dest, Destination::Tier { .. }) {
             match self.hold_key(env, order).await {
-                Some(true) => {}
-                Some(false) => return Settled::Parked,
                 None => return Settled::Abandoned,
+                Some(Hold::Parked) => return Settled::Parked,
+                Some(Hold::Headed) => headed = true,
+                Some(Hold::Unordered) => {}
             }
         }
         let mut delay = FIRST_HOLD;
@@ -240,7 +242,7 @@ impl Pipeline {
             }
         }
         let result = self.routed(env, request_id, user_id, &f, &dest);
-        Settled::Routed(result, dest)
+        Settled::Routed(result, dest, headed)
     }
 
     /// Returns the request id and user id (when the message got that far) with the outcome.
@@ -300,15 +302,30 @@ impl Pipeline {
         }
     }
 
-    /// Persists; while the database is down, waits for it instead of giving the message up.
+    /// Persists; while the database is down, waits for it instead of giving the message up,
+    /// and while every connection is busy, waits for one.
     async fn persist(
         &self,
         req: &PersistenceRequest,
         request_id: &str,
         source: &Source,
     ) -> Result<Persisted, Failure> {
+        let mut busy = FIRST_HOLD;
         loop {
             let outcome = self.persister.persist(req, request_id, source).await;
+            if outcome
+                .as_ref()
+                .err()
+                .is_some_and(Failure::waits_for_connection)
+            {
+                if !self.hold(&mut busy).await {
+                    return outcome.map_err(|mut f| {
+                        f.disposition = Disposition::Outage;
+                        f
+                    });
+                }
+                continue;
+            }
             let down = outcome
                 .as_ref()
                 .err()
@@ -336,6 +353,7 @@ impl Pipeline {
             if !self.hold(&mut delay).await {
                 break false;
             }
+            delay = delay.min(MAX_PROBE_INTERVAL);
             if self.database_answers().await {
                 break true;
             }
@@ -347,14 +365,17 @@ impl Pipeline {
         up
     }
 
+    /// Whether the database takes writes again: a standby or a read-only primary answers
+    /// queries but would refuse every transaction.
     pub async fn database_answers(&self) -> bool {
         let probe = async {
             let c = self.persister.pool().get().await.ok()?;
-            c.simple_query("SELECT 1").await.ok()
+            let row = c.query_one(WRITABLE_SQL, &[]).await.ok()?;
+            row.get::<_, Option<bool>>(0)
         };
         matches!(
             tokio::time::timeout(Duration::from_secs(2), probe).await,
-            Ok(Some(_))
+            Ok(Some(true))
         )
     }
 
@@ -408,7 +429,9 @@ impl Pipeline {
         f: &Failure,
         dest: &Destination,
     ) -> PersistenceResult {
-        let attempt = env.attempt as i32 + 1;
+        let attempt = i32::try_from(env.attempt)
+            .unwrap_or(i32::MAX)
+            .saturating_add(1);
         let (label, st, action, routing) = match dest {
             Destination::Tier {
                 label, topic, due, ..

@@ -1,12 +1,14 @@
 //! Route stage: publishes each request's result event to the results topic, keyed by request id.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use apache_avro::Schema;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientRole, KafkaArgs, ResultsFormat};
 use crate::metrics::Metrics;
@@ -83,29 +85,39 @@ impl ResultPublisher {
                 return None;
             }
         };
-        let mut record = FutureRecord::to(topic)
-            .key(&result.request_id)
-            .payload(&payload);
-        loop {
-            match self.producer.send_result(record) {
-                Ok(future) => {
-                    let (metrics, request_id) = (self.metrics.clone(), result.request_id.clone());
-                    return Some(PendingResult {
-                        future,
-                        metrics,
-                        request_id,
-                    });
-                }
-                // The local queue is full: wait for deliveries to drain it.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err((e, _)) => {
-                    tracing::warn!(request_id = %result.request_id, error = %e, "result event not delivered");
-                    count(&self.metrics, "error");
-                    return None;
-                }
+        // A record the producer refused outright is sent again by `delivered`, like a failed one.
+        let future = send(&self.producer, topic, &result.request_id, &payload).await;
+        Some(PendingResult {
+            future,
+            producer: self.producer.clone(),
+            topic: topic.to_string(),
+            request_id: result.request_id.clone(),
+            payload,
+            metrics: self.metrics.clone(),
+        })
+    }
+}
+
+/// Hands one record to the producer, waiting out a full local queue. None when the producer
+/// refuses it outright (logged and counted).
+async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) -> Option<DeliveryFuture> {
+    let mut record = FutureRecord::to(topic).key(key).payload(payload);
+    loop {
+        match producer.send_result(record) {
+            Ok(future) => return Some(future),
+            // The local queue is full: wait for deliveries to drain it.
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err((e, _)) => {
+                tracing::warn!(request_id = %key, error = %e, "result event not accepted by the producer");
+                return None;
             }
         }
     }
@@ -113,25 +125,57 @@ impl ResultPublisher {
 
 /// A result event handed to the producer, not yet acknowledged.
 pub struct PendingResult {
-    future: DeliveryFuture,
-    metrics: Arc<Metrics>,
+    future: Option<DeliveryFuture>,
+    producer: FutureProducer,
+    topic: String,
     request_id: String,
+    payload: Vec<u8>,
+    metrics: Arc<Metrics>,
 }
 
+/// Longest wait between two attempts to deliver a result event.
+const MAX_RESEND_DELAY: Duration = Duration::from_secs(5);
+
 impl PendingResult {
-    /// Resolves once the broker acknowledged the event or librdkafka gave up on it
-    /// (`message.timeout.ms`): a failed delivery is logged and counted, not retried forever,
-    /// because the data itself is committed and a redelivery repeats the confirmation.
-    pub async fn delivered(self) {
-        let delivery = match self.future.await {
-            Ok(Ok(_)) => "ok",
-            Ok(Err((e, _))) => {
-                tracing::warn!(request_id = %self.request_id, error = %e, "result event not delivered");
-                "error"
+    /// Waits until the broker acknowledged the event, sending it again after each failure: the
+    /// confirmation is promised at least once, so the message's offset waits for it. False
+    /// when shutdown came first, or the producer failed fatally (then `fatal` says why and
+    /// `shutdown` is cancelled): the message is not committed and its redelivery repeats the
+    /// confirmation from the ledger.
+    pub async fn delivered(
+        mut self,
+        shutdown: &CancellationToken,
+        fatal: &OnceLock<String>,
+    ) -> bool {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let error = match self.future.take() {
+                None => "not accepted by the producer".to_string(),
+                Some(f) => match f.await {
+                    Ok(Ok(_)) => {
+                        count(&self.metrics, "ok");
+                        return true;
+                    }
+                    Ok(Err((e, _))) => e.to_string(),
+                    Err(_) => "delivery canceled".to_string(),
+                },
+            };
+            count(&self.metrics, "error");
+            if let Some((code, reason)) = self.producer.client().fatal_error() {
+                let why = format!("results producer failed fatally: {code:?}: {reason}");
+                tracing::error!(request_id = %self.request_id, error = %why, "stopping: nothing unfinished is committed");
+                let _ = fatal.set(why);
+                shutdown.cancel();
+                return false;
             }
-            Err(_) => "error",
-        };
-        count(&self.metrics, delivery);
+            tracing::warn!(request_id = %self.request_id, %error, retry_in = ?delay, "result event not delivered; holding the message");
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(MAX_RESEND_DELAY);
+            self.future = send(&self.producer, &self.topic, &self.request_id, &self.payload).await;
+        }
     }
 }
 

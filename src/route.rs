@@ -182,7 +182,10 @@ impl Router {
             index: next,
             label: self.topology.label(next),
             topic: self.topology.tier_topic(original, next),
-            due: now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX),
+            due: chrono::Duration::from_std(delay)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
         }
     }
 
@@ -209,7 +212,7 @@ impl Router {
         if env.first_failure.is_none() {
             set(header::FIRST_FAILURE, format_time(now));
         }
-        set(header::ATTEMPT, (env.attempt + 1).to_string());
+        set(header::ATTEMPT, env.attempt.saturating_add(1).to_string());
         if let Destination::Tier { due, .. } = dest {
             set(header::DUE, format_time(*due));
         }

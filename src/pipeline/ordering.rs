@@ -10,6 +10,16 @@ use crate::metrics::outcome;
 use crate::park::{self, Gate};
 use crate::route::Destination;
 
+/// What holding a key before routing to a tier did.
+pub(super) enum Hold {
+    /// Not ordered (or already the head): nothing held.
+    Unordered,
+    /// The request now heads its key: wherever it ends, it releases or hands on the key.
+    Headed,
+    /// Another request holds the key: this one was parked behind it.
+    Parked,
+}
+
 /// How a request takes part in per-key ordering.
 pub(super) enum Order<'a> {
     /// Keyless, too long a key, ordering off, or a tier copy (its key is held for it).
@@ -52,22 +62,22 @@ impl Pipeline {
 
     /// Before a request goes to a retry tier, makes it its key's head, so its tier copy always
     /// finds the key held for it. A fresh request whose key another request holds (its
-    /// transaction failed rather than reporting the key blocked) is parked instead: Some(false).
-    /// None at shutdown.
-    pub(super) async fn hold_key(&self, env: &Envelope, order: &Order<'_>) -> Option<bool> {
+    /// transaction failed rather than reporting the key blocked) is parked instead. None at
+    /// shutdown.
+    pub(super) async fn hold_key(&self, env: &Envelope, order: &Order<'_>) -> Option<Hold> {
         let pool = self.persister.pool();
         match order {
-            Order::Unordered => Some(true),
+            Order::Unordered => Some(Hold::Unordered),
             Order::Fresh(_) => match self.db("park", || park::gate(pool, env)).await? {
-                Gate::Parked => Some(false),
+                Gate::Parked => Some(Hold::Parked),
                 Gate::Free | Gate::Head => {
                     self.db("park", || park::park_head(pool, env)).await?;
-                    Some(true)
+                    Some(Hold::Headed)
                 }
             },
             Order::Follower(f) => {
                 self.db("promote", || park::promote(pool, f)).await?;
-                Some(true)
+                Some(Hold::Headed)
             }
         }
     }
@@ -82,7 +92,9 @@ impl Pipeline {
         let pool = self.persister.pool();
         let mut head_offset = head.origin.offset;
         loop {
-            let next = self.db("release", || park::next_follower(pool, &key, head_offset));
+            let next = self.db("release", || {
+                park::next_follower(pool, &key, head_offset, &self.trust)
+            });
             let (follower, resumed) = match next.await {
                 None => return false,
                 Some(park::Next::Done) => return true,
@@ -95,10 +107,12 @@ impl Pipeline {
                 true => Order::Unordered,
                 false => Order::Follower(&follower),
             };
-            let (result, to_tier) = match Box::pin(self.settle(env, &order)).await {
+            let (result, to_tier, headed) = match Box::pin(self.settle(env, &order)).await {
                 Settled::Abandoned | Settled::Blocked | Settled::Parked => return false,
-                Settled::Persisted(r) => (r, false),
-                Settled::Routed(r, dest) => (r, matches!(dest, Destination::Tier { .. })),
+                Settled::Persisted(r) => (r, false, false),
+                Settled::Routed(r, dest, headed) => {
+                    (r, matches!(dest, Destination::Tier { .. }), headed)
+                }
             };
             if self
                 .db("unpark", || park::finished(pool, &follower))
@@ -109,12 +123,16 @@ impl Pipeline {
             }
             self.observe_latency(env, &result);
             if let Some(pending) = self.results.publish(&result).await {
-                pending.delivered().await;
+                if !pending.delivered(&self.shutdown, &self.fatal).await {
+                    return false;
+                }
             }
             if to_tier {
                 return true;
             }
-            if resumed {
+            // A promoted follower that ended outside the tiers (its tier refused it) holds the
+            // key now: the release goes on in its name.
+            if resumed || headed {
                 head_offset = env.origin.offset;
             }
         }

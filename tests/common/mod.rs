@@ -2,6 +2,8 @@
 //! group per test. A missing server fails the test with a message saying what to start.
 #![allow(dead_code)]
 
+pub mod hostile;
+
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
