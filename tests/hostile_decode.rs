@@ -3,7 +3,6 @@
 //! infinity, 10,000 books, long strings. Invariants: no panic, no abort, a precise error class,
 //! and the memory decoding takes bounded by a small multiple of the message size.
 
-#[allow(dead_code)]
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};

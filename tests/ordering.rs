@@ -88,3 +88,165 @@ async fn a_follower_promoted_before_a_crash_is_resumed_by_the_release() {
     assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
 }
+
+/// A request with an unknown book whose value the tier refuses for its size (and the dead-letter
+/// topic too): made head before it was forwarded, it must release its key once dead-lettered.
+fn too_large_for_its_tier(user: &str, id: &str) -> Vec<u8> {
+    let mut req = request(user, Some(id), &[("b-missing", 0.5)]);
+    req["justifiedBooks"][0]["justification"] = "x".repeat(5000).into();
+    json(req)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_its_tier_refuses_releases_its_key() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let agent = env
+        .start(&["--retry-delays=1h", "--kafka-config=message.max.bytes=4000"])
+        .await;
+    env.produce("alice", &too_large_for_its_tier("alice", "a1"))
+        .await;
+    env.produce("alice", &json(request("alice", Some("a2"), &[("b1", 0.5)])))
+        .await;
+    env.wait_count("SELECT count(*) FROM processed_request", 1, 30)
+        .await;
+    let dlq = env.records(&env.dlq(), 1, 30);
+    stop(agent).await;
+    assert_eq!(env.request_ids(None).await, ["a2"]);
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].header(header::ERROR_CLASS), "foreign_key_violation");
+    assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
+    assert_eq!(env.committed(0), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_follower_its_tier_refuses_hands_the_key_on() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let agent = env
+        .start(&["--retry-delays=3s", "--kafka-config=message.max.bytes=4000"])
+        .await;
+    env.produce(
+        "alice",
+        &json(request("alice", Some("a1"), &[("b-late", 0.5)])),
+    )
+    .await;
+    env.produce("alice", &too_large_for_its_tier("alice", "a2"))
+        .await;
+    env.produce("alice", &json(request("alice", Some("a3"), &[("b1", 0.5)])))
+        .await;
+    env.wait_count("SELECT count(*) FROM parked_message", 2, 30)
+        .await;
+    env.books(&["b-late"]).await;
+    env.wait_count("SELECT count(*) FROM processed_request", 2, 60)
+        .await;
+    let dlq = env.records(&env.dlq(), 1, 30);
+    stop(agent).await;
+    assert_eq!(env.request_ids(None).await, ["a1", "a3"]);
+    assert_eq!(dlq.len(), 1, "a2 dead-lettered");
+    assert_eq!(dlq[0].header(header::ORIGINAL_OFFSET), "1");
+    assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
+}
+
+/// A parked request is read back from the database with its producer's headers: forged retry
+/// headers must count no more there than on the input topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_request_ignores_forged_retry_headers() {
+    let env = Env::new(1).await;
+    let agent = env.start(&["--retry-delays=3s"]).await;
+    let tier = env.tier_topic("3s");
+    env.produce(
+        "alice",
+        &json(request("alice", Some("a1"), &[("b-late", 0.5)])),
+    )
+    .await;
+    common::produce(
+        &env.brokers,
+        &env.topic,
+        Some("alice"),
+        &json(request("alice", Some("a2"), &[("b-never", 0.5)])),
+        &[
+            (header::ATTEMPT, "99"),
+            (header::FIRST_FAILURE, "2000-01-01T00:00:00.000Z"),
+            (header::ORIGINAL_TOPIC, env.topic.as_str()),
+            (header::ORIGINAL_PARTITION, "0"),
+            (header::ORIGINAL_OFFSET, "0"),
+        ],
+    )
+    .await;
+    env.wait_count("SELECT count(*) FROM parked_message", 1, 30)
+        .await;
+    env.books(&["b-late"]).await;
+    let copies = env.records(&tier, 2, 60);
+    stop(agent).await;
+    let a2 = copies
+        .iter()
+        .find(|r| r.header(header::ORIGINAL_OFFSET) == "1")
+        .expect("a2 went to the retry tier as a fresh request, not straight to the dead letters");
+    assert_eq!(a2.header(header::ATTEMPT), "1");
+    assert!(!a2.header(header::FIRST_FAILURE).starts_with("2000"));
+}
+
+/// The transaction saw the key parked, and by the time the parking step ran it was released:
+/// the request is retried in order, so when it fails into a tier it holds its key and the
+/// next request of that key waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_released_before_parking_still_holds_its_key() {
+    let env = Env::new(1).await;
+    env.pg
+        .execute(
+            "INSERT INTO parked_key (topic, partition, key, head_offset) VALUES ($1, 0, 'alice', 999)",
+            &[&env.topic],
+        )
+        .await
+        .unwrap();
+    let (locker, conn) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    locker
+        .batch_execute(&format!(
+            "SET search_path = {}; BEGIN; SELECT * FROM parked_key FOR UPDATE",
+            env.schema
+        ))
+        .await
+        .unwrap();
+    let agent = env.start(&["--retry-delays=1h"]).await;
+    env.produce(
+        "alice",
+        &json(request("alice", Some("a1"), &[("b-late", 0.5)])),
+    )
+    .await;
+    // The parking step waits for the key's row lock: release the key under it.
+    common::wait_for("the parking step to wait for the key", 30, async || {
+        env.count(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+             AND query LIKE '%INSERT INTO parked_message%'",
+        )
+        .await
+            > 0
+    })
+    .await;
+    locker
+        .batch_execute("DELETE FROM parked_key; COMMIT")
+        .await
+        .unwrap();
+    env.records(&env.tier_topic("1h"), 1, 30);
+    env.produce("alice", &json(request("alice", Some("a2"), &[("b1", 0.5)])))
+        .await;
+    env.wait_count("SELECT count(*) FROM parked_message", 1, 30)
+        .await;
+    stop(agent).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM processed_request").await,
+        0,
+        "a2 does not overtake a1"
+    );
+    assert_eq!(
+        env.count("SELECT head_offset FROM parked_key").await,
+        0,
+        "a1 heads its key"
+    );
+}

@@ -91,12 +91,22 @@ impl Env {
     }
 
     pub async fn with_database(db_url: String, partitions: i32) -> Env {
+        Env::with(db_url, brokers(), partitions).await
+    }
+
+    /// On the given database and brokers.
+    pub async fn with(db_url: String, brokers: String, partitions: i32) -> Env {
+        let env = Env::without_topics(db_url, brokers).await;
+        create_topics(&env.brokers, &[(&env.topic, partitions), (&env.results, 1)]).await;
+        env
+    }
+
+    /// Names topics without creating them (librdkafka's mock cluster creates its own).
+    pub async fn without_topics(db_url: String, brokers: String) -> Env {
         init_logs();
-        let brokers = brokers();
         let schema = unique("t");
         let topic = unique("requests");
         let results = unique("results");
-        create_topics(&brokers, &[(&topic, partitions), (&results, 1)]).await;
         let (pg, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {db_url}: {e}"));

@@ -1,0 +1,69 @@
+//! Result-event delivery under broker faults, injected with librdkafka's mock cluster: a failed
+//! delivery holds the message's offset and is sent again (confirmations are at least once), and
+//! a fatal producer error stops the agent with nothing unfinished committed.
+
+mod common;
+
+use common::{json, request, Env};
+use persistence_agent::agent::Agent;
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+const ARGS: &[&str] = &["--retry-delays=1h", "--create-retry-topics=false"];
+
+async fn env_on(cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> Env {
+    let env = Env::without_topics(common::database_url(), cluster.bootstrap_servers()).await;
+    for t in [&env.topic, &env.results, &env.dlq(), &env.tier_topic("1h")] {
+        cluster.create_topic(t, 1, 1).unwrap();
+    }
+    env.books(&["b1"]).await;
+    env.produce("u1", &json(request("u1", Some("r1"), &[("b1", 0.5)])))
+        .await;
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_result_delivery_holds_the_offset_and_is_sent_again() {
+    let cluster = MockCluster::new(1).unwrap();
+    let env = env_on(&cluster).await;
+    // The next three produce requests (all the results producer's) are refused for good.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3],
+    );
+    let agent = env.start(ARGS).await;
+    let results = env.records(&env.results, 1, 60);
+    let metrics = agent.metrics.clone();
+    common::stop(agent).await;
+    assert!(results.iter().any(|r| r.key.as_deref() == Some("r1")));
+    let errors = metrics
+        .results_published
+        .with_label_values(&["error"])
+        .get();
+    assert!(errors >= 1, "the refused deliveries were counted: {errors}");
+    assert_eq!(env.committed(0), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_results_producer_stops_the_agent_with_nothing_committed() {
+    let cluster = MockCluster::new(1).unwrap();
+    let env = env_on(&cluster).await;
+    // An idempotent producer cannot recover from a broken sequence: librdkafka's fatal error.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 5],
+    );
+    let agent: Agent = env.start(ARGS).await;
+    env.wait_count("SELECT count(*) FROM processed_request", 1, 30)
+        .await;
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), agent.wait())
+        .await
+        .expect("the agent stops by itself");
+    let err = stopped.expect_err("a fatal error is an error exit");
+    assert!(err.to_string().contains("fatal"), "{err}");
+    assert_eq!(
+        env.committed(0),
+        None,
+        "the unconfirmed request is not committed"
+    );
+}
