@@ -72,6 +72,22 @@ impl Agent {
                 Some(DueGate::new(&tiers)),
             ));
         }
+        let tasks = plans.len() * args.workers.max(1);
+        if tasks > args.db.database_pool_size {
+            tracing::warn!(
+                workers = tasks,
+                pool = args.db.database_pool_size,
+                "more workers than pooled connections: workers wait for a connection (not an \
+                 outage); raise DATABASE_POOL_SIZE to run them all at once"
+            );
+        }
+        if args.retry.order_by_key {
+            tokio::spawn(reaper(
+                pipeline.clone(),
+                args.retry.parked_key_ttl,
+                args.retry.reaper_interval,
+            ));
+        }
         let mut consumers = Vec::new();
         let mut polls = Vec::new();
         for (name, group, topics, gate) in plans {
@@ -105,6 +121,24 @@ impl Agent {
         self.consumers
             .iter()
             .all(|c| c.joined.load(Ordering::Acquire))
+    }
+}
+
+/// Refreshes the parked-key gauges and releases keys whose head is lost, every `interval`
+/// until shutdown.
+async fn reaper(pipeline: Arc<Pipeline>, ttl: std::time::Duration, interval: std::time::Duration) {
+    loop {
+        match pipeline.reap_parked(ttl).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(keys = n, "released parked keys whose head was lost"),
+            Err(f) => {
+                tracing::debug!(class = f.class, error = %f.message, "parked-key reaper skipped a run")
+            }
+        }
+        tokio::select! {
+            _ = pipeline.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
     }
 }
 

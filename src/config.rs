@@ -22,6 +22,9 @@ pub const DEFAULT_REBALANCE_DRAIN_TIMEOUT: &str = "10s";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_RETRY_DELAYS: &str = "5m,30m,2h";
 pub const DEFAULT_GIVE_UP_AFTER: &str = "24h";
+/// `GIVE_UP_AFTER` plus the longest default tier: no head waits longer with default settings.
+pub const DEFAULT_PARKED_KEY_TTL: &str = "26h";
+pub const DEFAULT_REAPER_INTERVAL: &str = "60s";
 
 /// Prefix of environment variables passed verbatim to librdkafka:
 /// `KAFKA_CONFIG_security.protocol=SASL_SSL` sets `security.protocol`.
@@ -280,6 +283,16 @@ pub struct RetryArgs {
     /// A message whose first failure is older than this goes to the dead-letter topic.
     #[arg(long, env = "GIVE_UP_AFTER", default_value = DEFAULT_GIVE_UP_AFTER, value_parser = humantime::parse_duration)]
     pub give_up_after: Duration,
+
+    /// A key parked longer than this has lost its head (its tier was renamed by a changed
+    /// `RETRY_DELAYS`, or its topic deleted): the reaper releases the requests parked behind it.
+    /// Keep it above `GIVE_UP_AFTER` plus the longest tier delay.
+    #[arg(long, env = "PARKED_KEY_TTL", default_value = DEFAULT_PARKED_KEY_TTL, value_parser = humantime::parse_duration)]
+    pub parked_key_ttl: Duration,
+
+    /// How often the parked-key gauges are refreshed and the reaper runs.
+    #[arg(long, env = "REAPER_INTERVAL", default_value = DEFAULT_REAPER_INTERVAL, value_parser = humantime::parse_duration)]
+    pub reaper_interval: Duration,
 
     /// Consumer group of the retry-tier consumers; defaults to `<KAFKA_GROUP_ID>.retry`.
     #[arg(long, env = "KAFKA_RETRY_GROUP_ID")]

@@ -250,3 +250,54 @@ async fn a_request_released_before_parking_still_holds_its_key() {
         "a1 heads its key"
     );
 }
+
+/// A key whose head is in no tier (parked an hour ago, as after a change of `RETRY_DELAYS`) is
+/// released by the reaper once older than `PARKED_KEY_TTL`; a recently parked key is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_releases_keys_whose_head_is_lost() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    for (key, age, offset, id) in [("alice", "1 hour", 1i64, "a2"), ("bob", "0", 3, "b2")] {
+        env.pg
+            .execute(
+                &format!(
+                    "INSERT INTO parked_key (topic, partition, key, head_offset, parked_at)
+                     VALUES ($1, 0, $2, $3, now() - interval '{age}')"
+                ),
+                &[&env.topic, &key.as_bytes(), &(offset - 1)],
+            )
+            .await
+            .unwrap();
+        let value = json(request(key, Some(id), &[("b1", 0.5)]));
+        env.pg
+            .execute(
+                "INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values)
+                 VALUES ($1, 0, $2, $3, $4, '{}', '{}')",
+                &[&env.topic, &key.as_bytes(), &offset, &value],
+            )
+            .await
+            .unwrap();
+    }
+    let agent = env
+        .start(&["--parked-key-ttl=30m", "--reaper-interval=1s"])
+        .await;
+    env.wait_count("SELECT count(*) FROM processed_request", 1, 30)
+        .await;
+    let metrics = agent.metrics.clone();
+    common::wait_for("the gauges to show the one key left", 30, async || {
+        metrics.parked_keys.get() == 1
+    })
+    .await;
+    stop(agent).await;
+    assert_eq!(env.request_ids(None).await, ["a2"]);
+    assert_eq!(metrics.parked_keys_reaped.get(), 1);
+    assert!(
+        metrics.parked_oldest_age.get() < 60.0,
+        "only bob's fresh key is left"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM parked_key WHERE key = 'bob'")
+            .await,
+        1
+    );
+}
