@@ -17,6 +17,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::due::DueGate;
 use crate::metrics::Metrics;
 use crate::offsets::{OffsetTracker, TopicPartition};
+use crate::ownership::{Hold, Ownership};
 
 /// A worker's report on one message.
 pub struct Completion {
@@ -29,7 +30,12 @@ pub struct Completion {
 pub struct Job {
     pub msg: OwnedMessage,
     pub epoch: u64,
+    pub owner: Arc<Ownership>,
 }
+
+/// How long a revoke waits, after the drain, for side effects already under way (a record
+/// being enqueued, a parking statement) before it lets the partition go.
+const REVOKE_WAIT: Duration = Duration::from_secs(2);
 
 /// State shared by the poll loop and the rebalance callbacks (both run on the poll thread).
 pub struct Shared {
@@ -83,8 +89,23 @@ impl ConsumerContext for AgentContext {
                 true => Duration::ZERO,
                 false => self.shared.drain_timeout,
             };
+            let owners: Vec<Arc<Ownership>> = {
+                let tracker = self.shared.tracker.lock().expect("tracker lock");
+                tps.iter().filter_map(|tp| tracker.ownership(tp)).collect()
+            };
+            // Queued messages belong to the next owner from now on.
+            owners.iter().for_each(|o| o.begin_revoke());
             let drained = self.shared.drain(consumer, &tps, timeout);
-            tracing::info!(partitions = tps.len(), drained, "partitions revoked");
+            // Work that outlived the drain may not act any more: the new owner redoes it.
+            let settled = owners.iter().all(|o| o.revoke(REVOKE_WAIT));
+            // Work that held the partition reported before letting go: commit it too.
+            self.shared.apply_ready(consumer);
+            tracing::info!(
+                partitions = tps.len(),
+                drained,
+                settled,
+                "partitions revoked"
+            );
             // A lost assignment belongs to someone else already: committing would fail.
             if !consumer.assignment_lost() {
                 self.shared.commit(consumer, "revoke");
@@ -137,6 +158,11 @@ impl Shared {
             closing: AtomicBool::new(false),
             lag: Mutex::default(),
         }
+    }
+
+    /// Partitions this consumer owns now.
+    pub fn assigned(&self) -> usize {
+        self.tracker.lock().expect("tracker lock").assigned()
     }
 
     fn apply(&self, consumer: &BaseConsumer<AgentContext>, c: Completion) {
@@ -437,7 +463,7 @@ impl PollLoop {
             return;
         }
         let tp = (msg.topic().to_string(), msg.partition());
-        let epoch = self
+        let (epoch, owner) = self
             .shared
             .tracker
             .lock()
@@ -450,7 +476,7 @@ impl PollLoop {
             None => tp.hash(&mut h),
         }
         let worker = &self.workers[(h.finish() % self.workers.len() as u64) as usize];
-        if worker.send(Job { msg, epoch }).is_err() {
+        if worker.send(Job { msg, epoch, owner }).is_err() {
             // Every later message for that worker would be dropped: stop, commit what is done.
             let _ = self.pipeline.fatal.set("a worker stopped".into());
             self.pipeline.shutdown.cancel();
@@ -466,7 +492,7 @@ pub async fn worker(
     done: Sender<Completion>,
 ) {
     use crate::pipeline::Handled;
-    while let Some(Job { msg, epoch }) = jobs.recv().await {
+    while let Some(Job { msg, epoch, owner }) = jobs.recv().await {
         let mut c = Completion {
             tp: (msg.topic().to_string(), msg.partition()),
             epoch,
@@ -480,9 +506,10 @@ pub async fn worker(
             .lock()
             .expect("tracker lock")
             .is_current(&c.tp, epoch);
-        let handled = match current && !pipeline.shutdown.is_cancelled() {
+        let hold = Hold::default();
+        let handled = match current && owner.may_start() && !pipeline.shutdown.is_cancelled() {
             false => Handled::Abandoned,
-            true => run_isolated(&pipeline, msg).await,
+            true => run_isolated(&pipeline, msg, owner, hold.clone()).await,
         };
         match handled {
             Handled::Abandoned => {}
@@ -494,11 +521,15 @@ pub async fn worker(
                 tokio::spawn(async move {
                     c.done = pending.delivered(&p.shutdown, &p.fatal).await;
                     let _ = done.send(c);
+                    // Reported first: a revoke waiting for this hold then commits it.
+                    drop(hold.take());
                 });
                 continue;
             }
         }
-        if done.send(c).is_err() {
+        let reported = done.send(c).is_ok();
+        drop(hold.take());
+        if !reported {
             return;
         }
     }
@@ -509,9 +540,11 @@ pub async fn worker(
 async fn run_isolated(
     pipeline: &Arc<crate::pipeline::Pipeline>,
     msg: OwnedMessage,
+    owner: Arc<Ownership>,
+    hold: Hold,
 ) -> crate::pipeline::Handled {
     let p = pipeline.clone();
-    match tokio::spawn(async move { p.handle(&msg).await }).await {
+    match tokio::spawn(async move { p.handle(&msg, owner, hold).await }).await {
         Ok(handled) => handled,
         Err(e) => {
             tracing::error!(error = %e, "message handling panicked: stopping");

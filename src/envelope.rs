@@ -3,10 +3,12 @@
 
 use std::collections::HashSet;
 use std::ffi::CStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::message::{BorrowedHeaders, Headers, Message, OwnedMessage};
 
+use crate::ownership::{Hold, Ownership};
 use crate::persist::Source;
 
 /// Header names written on forwarded messages; values are UTF-8 strings.
@@ -80,6 +82,11 @@ pub struct Envelope {
     pub first_failure: Option<DateTime<Utc>>,
     /// Retry headers whose values were out of bounds and clamped (for the metric).
     pub clamped: Vec<&'static str>,
+    /// The assignment of the partition this copy was consumed from: its work acts only while
+    /// that lasts. Parked requests settled by a release act under their releaser's.
+    pub owner: Arc<Ownership>,
+    /// Taken at the first side effect (`act`), released after the message was reported.
+    pub hold: Hold,
 }
 
 impl Envelope {
@@ -127,6 +134,8 @@ impl Envelope {
             attempt: 0,
             first_failure: None,
             clamped: Vec::new(),
+            owner: Arc::new(Ownership::detached()),
+            hold: Hold::default(),
         };
         if !trust.input_topics.contains(&env.topic) {
             env.read_retry_state(trust, Utc::now());
@@ -167,6 +176,12 @@ impl Envelope {
         self.attempt = attempt.map_or(0, |a| a.min(u64::from(MAX_ATTEMPT)) as u32);
         self.first_failure = first_failure.map(|t| t.min(now));
         self.clamped = clamped;
+    }
+
+    /// Whether this message's work may still act (forward, park, release, publish): false
+    /// once its partition was revoked, when the new owner redoes it.
+    pub async fn act(&self) -> bool {
+        self.hold.act(&self.owner).await
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {

@@ -14,6 +14,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod offsets;
+pub mod ownership;
 pub mod park;
 pub mod persist;
 pub mod pipeline;

@@ -3,6 +3,9 @@
 //! the lowest offset not yet finished, so a crash never skips an unfinished message.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::ownership::Ownership;
 
 pub type TopicPartition = (String, i32);
 
@@ -17,6 +20,8 @@ struct Partition {
     next: Option<i64>,
     /// Last value handed out by `completed`, to report only advances.
     committable: Option<i64>,
+    /// This assignment, as the messages' work sees it (fenced at revoke).
+    owner: Arc<Ownership>,
 }
 
 impl Partition {
@@ -54,8 +59,14 @@ impl OffsetTracker {
         self.parts.remove(tp);
     }
 
-    /// Records a message handed to a worker; returns the epoch its completion must carry.
-    pub fn dispatched(&mut self, tp: &TopicPartition, offset: i64) -> u64 {
+    /// The current assignment of `tp`.
+    pub fn ownership(&self, tp: &TopicPartition) -> Option<Arc<Ownership>> {
+        self.parts.get(tp).map(|p| p.owner.clone())
+    }
+
+    /// Records a message handed to a worker; returns the epoch its completion must carry and
+    /// the ownership its work acts under.
+    pub fn dispatched(&mut self, tp: &TopicPartition, offset: i64) -> (u64, Arc<Ownership>) {
         let epochs = &mut self.epochs;
         let p = self.parts.entry(tp.clone()).or_insert_with(|| {
             // A message for a partition the rebalance callback has not reported (never expected).
@@ -69,7 +80,7 @@ impl OffsetTracker {
         // The first message's offset is where this ownership started: nothing to store yet.
         p.committable.get_or_insert(offset);
         p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
-        p.epoch
+        (p.epoch, p.owner.clone())
     }
 
     /// Marks a message finished; returns the new committable offset when it advanced.
@@ -93,6 +104,10 @@ impl OffsetTracker {
                 p.stuck.insert(offset);
             }
         }
+    }
+
+    pub fn assigned(&self) -> usize {
+        self.parts.len()
     }
 
     pub fn is_assigned(&self, tp: &TopicPartition) -> bool {
@@ -128,7 +143,7 @@ mod tests {
     fn committable_offset_is_lowest_unfinished() {
         let mut t = OffsetTracker::default();
         t.assign(tp());
-        let e = (10..14).map(|o| t.dispatched(&tp(), o)).last().unwrap();
+        let e = (10..14).map(|o| t.dispatched(&tp(), o).0).last().unwrap();
         assert_eq!(t.completed(&tp(), e, 12), None, "10 still running");
         assert_eq!(t.completed(&tp(), e, 11), None);
         assert_eq!(
@@ -144,7 +159,7 @@ mod tests {
     fn abandoned_message_holds_the_watermark() {
         let mut t = OffsetTracker::default();
         t.assign(tp());
-        let e = (0..3).map(|o| t.dispatched(&tp(), o)).last().unwrap();
+        let e = (0..3).map(|o| t.dispatched(&tp(), o).0).last().unwrap();
         t.abandoned(&tp(), e, 0);
         assert_eq!(
             t.completed(&tp(), e, 1),
@@ -163,10 +178,10 @@ mod tests {
     fn completions_from_an_earlier_assignment_are_ignored() {
         let mut t = OffsetTracker::default();
         t.assign(tp());
-        let old = t.dispatched(&tp(), 5);
+        let old = t.dispatched(&tp(), 5).0;
         t.revoke(&tp());
         t.assign(tp());
-        let new = t.dispatched(&tp(), 7);
+        let new = t.dispatched(&tp(), 7).0;
         assert_eq!(t.completed(&tp(), old, 5), None);
         assert_eq!(t.completed(&tp(), new, 7), Some(8));
     }

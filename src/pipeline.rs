@@ -14,13 +14,14 @@ use crate::decode::{DecodeError, Decoder};
 use crate::envelope::{format_time, Envelope, Trust};
 use crate::metrics::{outcome, Metrics};
 use crate::model::{status, PersistenceRequest, PersistenceResult, ResultError, Routing};
+use crate::ownership::{Hold, Ownership};
 use crate::park::{self, Gate};
 use crate::persist::{Persisted, Persister, Source, Written};
 use crate::results::{PendingResult, ResultPublisher};
 use crate::route::{self, Destination, Router};
 
 mod ordering;
-use ordering::{Hold, Order};
+use ordering::{KeyHold, Order};
 use rdkafka::error::KafkaError;
 
 /// What the consumer may do with the message's offset.
@@ -85,8 +86,13 @@ pub fn derived_request_id(source: &Source) -> String {
 }
 
 impl Pipeline {
-    pub async fn handle(&self, msg: &OwnedMessage) -> Handled {
-        let env = Envelope::from_message(msg, &self.trust);
+    /// Settles one consumed message. `owner` is its partition's assignment, whose revoke stops
+    /// the work from acting any more; `hold` keeps the revoke waiting once the work acted, and
+    /// the caller releases it after reporting the message.
+    pub async fn handle(&self, msg: &OwnedMessage, owner: Arc<Ownership>, hold: Hold) -> Handled {
+        let mut env = Envelope::from_message(msg, &self.trust);
+        env.owner = owner;
+        env.hold = hold;
         self.metrics
             .messages_consumed
             .with_label_values(&[&env.topic])
@@ -104,7 +110,7 @@ impl Pipeline {
             Settled::Persisted(r) => r,
             Settled::Routed(r, Destination::Tier { .. }, _) => {
                 self.observe_latency(&env, &r);
-                return Handled::Done(self.results.publish(&r).await);
+                return self.confirm(&env, &r).await;
             }
             Settled::Routed(r, Destination::DeadLetter { .. }, _) => r,
         };
@@ -113,7 +119,17 @@ impl Pipeline {
             return Handled::Abandoned;
         }
         self.observe_latency(&env, &result);
-        Handled::Done(self.results.publish(&result).await)
+        self.confirm(&env, &result).await
+    }
+
+    /// Publishes the result event, unless the partition was revoked meanwhile: then the
+    /// message is abandoned and its new owner confirms it (from the ledger, when it was
+    /// written here).
+    async fn confirm(&self, env: &Envelope, result: &PersistenceResult) -> Handled {
+        if !env.act().await {
+            return Handled::Abandoned;
+        }
+        Handled::Done(self.results.publish(result).await)
     }
 
     /// Settles `env` keeping its key's order, and says whether it ended as its key's head (a
@@ -135,7 +151,7 @@ impl Pipeline {
                 return (settled, is_head || headed);
             }
             match self
-                .db("park", || park::gate(self.persister.pool(), env))
+                .db(env, "park", || park::gate(self.persister.pool(), env))
                 .await
             {
                 None => return (Settled::Abandoned, false),
@@ -206,20 +222,26 @@ impl Pipeline {
         if matches!(dest, Destination::Tier { .. }) {
             match self.hold_key(env, order).await {
                 None => return Settled::Abandoned,
-                Some(Hold::Parked) => return Settled::Parked,
-                Some(Hold::Headed) => headed = true,
-                Some(Hold::Unordered) => {}
+                Some(KeyHold::Parked) => return Settled::Parked,
+                Some(KeyHold::Headed) => headed = true,
+                Some(KeyHold::Unordered) => {}
             }
         }
         let mut delay = FIRST_HOLD;
         let mut refused: Option<KafkaError> = None;
         loop {
-            let e = match self
+            if !env.act().await {
+                return Settled::Abandoned;
+            }
+            let sent = self
                 .router
-                .forward(env, &f, &dest, now, refused.as_ref())
-                .await
-            {
-                Ok(()) => break,
+                .enqueue(env, &f, &dest, now, refused.as_ref())
+                .await;
+            let e = match sent {
+                Ok(delivery) => match route::acked(delivery).await {
+                    Ok(()) => break,
+                    Err(e) => e,
+                },
                 Err(e) => e,
             };
             if route::is_too_large(&e) && refused.is_none() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::classify::{Disposition, Failure};
@@ -227,17 +227,17 @@ impl Router {
         out
     }
 
-    /// Produces the forwarded copy and waits for the broker's acknowledgement. With
-    /// `drop_value`, the copy carries the headers only (plus `pa.value-dropped`): for a value
-    /// the dead-letter topic refuses.
-    pub async fn forward(
+    /// Hands the forwarded copy to the producer; the returned future resolves with the
+    /// broker's acknowledgement (`acked`). With `drop_value`, the copy carries the headers only
+    /// (plus `pa.value-dropped`): for a value the dead-letter topic refuses.
+    pub async fn enqueue(
         &self,
         env: &Envelope,
         f: &Failure,
         dest: &Destination,
         now: DateTime<Utc>,
         drop_value: Option<&KafkaError>,
-    ) -> Result<(), KafkaError> {
+    ) -> Result<DeliveryFuture, KafkaError> {
         let mut ours = self.headers(env, f, dest, now);
         if let Some(e) = drop_value {
             let why = format!("{} bytes refused: {e}", env.payload.len());
@@ -271,7 +271,7 @@ impl Router {
         if let Some(k) = &env.key {
             record = record.key(k.as_slice());
         }
-        send_acked(&self.producer, record).await
+        send_queued(&self.producer, record).await
     }
 }
 
@@ -291,17 +291,28 @@ pub fn is_too_large(e: &KafkaError) -> bool {
 /// Sends one record and waits for its acknowledgement, waiting out a full local queue.
 pub async fn send_acked(
     producer: &FutureProducer,
-    mut record: FutureRecord<'_, [u8], [u8]>,
+    record: FutureRecord<'_, [u8], [u8]>,
 ) -> Result<(), KafkaError> {
+    acked(send_queued(producer, record).await?).await
+}
+
+/// The broker's acknowledgement of an enqueued record.
+pub async fn acked(delivery: DeliveryFuture) -> Result<(), KafkaError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
+    }
+}
+
+/// Hands one record to the producer, waiting out a full local queue.
+pub async fn send_queued(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
     loop {
         match producer.send_result(record) {
-            Ok(delivery) => {
-                return match delivery.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err((e, _))) => Err(e),
-                    Err(_) => Err(KafkaError::Canceled),
-                }
-            }
+            Ok(delivery) => return Ok(delivery),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 record = r;
                 tokio::time::sleep(Duration::from_millis(10)).await;

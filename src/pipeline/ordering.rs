@@ -3,7 +3,7 @@
 
 use std::future::Future;
 
-use super::{Pipeline, Settled, FIRST_HOLD};
+use super::{Handled, Pipeline, Settled, FIRST_HOLD};
 use crate::classify::{Disposition, Failure};
 use crate::envelope::Envelope;
 use crate::metrics::outcome;
@@ -11,7 +11,7 @@ use crate::park::{self, Gate};
 use crate::route::Destination;
 
 /// What holding a key before routing to a tier did.
-pub(super) enum Hold {
+pub(super) enum KeyHold {
     /// Not ordered (or already the head): nothing held.
     Unordered,
     /// The request now heads its key: wherever it ends, it releases or hands on the key.
@@ -34,13 +34,18 @@ pub(super) enum Order<'a> {
 impl Pipeline {
     /// Runs a database step of the parking protocol until it succeeds; None at shutdown or on a
     /// fatal error.
-    pub(super) async fn db<T, F, Fut>(&self, what: &str, mut op: F) -> Option<T>
+    /// Runs only while `env`'s work may act: parked state is never changed by work that
+    /// outlived its partition's revoke (None then too).
+    pub(super) async fn db<T, F, Fut>(&self, env: &Envelope, what: &str, mut op: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
         let mut delay = FIRST_HOLD;
         loop {
+            if !env.act().await {
+                return None;
+            }
             let f = match op().await {
                 Ok(v) => return Some(v),
                 Err(f) => f,
@@ -64,20 +69,20 @@ impl Pipeline {
     /// finds the key held for it. A fresh request whose key another request holds (its
     /// transaction failed rather than reporting the key blocked) is parked instead. None at
     /// shutdown.
-    pub(super) async fn hold_key(&self, env: &Envelope, order: &Order<'_>) -> Option<Hold> {
+    pub(super) async fn hold_key(&self, env: &Envelope, order: &Order<'_>) -> Option<KeyHold> {
         let pool = self.persister.pool();
         match order {
-            Order::Unordered => Some(Hold::Unordered),
-            Order::Fresh(_) => match self.db("park", || park::gate(pool, env)).await? {
-                Gate::Parked => Some(Hold::Parked),
+            Order::Unordered => Some(KeyHold::Unordered),
+            Order::Fresh(_) => match self.db(env, "park", || park::gate(pool, env)).await? {
+                Gate::Parked => Some(KeyHold::Parked),
                 Gate::Free | Gate::Head => {
-                    self.db("park", || park::park_head(pool, env)).await?;
-                    Some(Hold::Headed)
+                    self.db(env, "park", || park::park_head(pool, env)).await?;
+                    Some(KeyHold::Headed)
                 }
             },
             Order::Follower(f) => {
-                self.db("promote", || park::promote(pool, f)).await?;
-                Some(Hold::Headed)
+                self.db(env, "promote", || park::promote(pool, f)).await?;
+                Some(KeyHold::Headed)
             }
         }
     }
@@ -92,15 +97,18 @@ impl Pipeline {
         let pool = self.persister.pool();
         let mut head_offset = head.origin.offset;
         loop {
-            let next = self.db("release", || {
+            let next = self.db(head, "release", || {
                 park::next_follower(pool, &key, head_offset, &self.trust)
             });
-            let (follower, resumed) = match next.await {
+            let (mut follower, resumed) = match next.await {
                 None => return false,
                 Some(park::Next::Done) => return true,
                 Some(park::Next::Follower(f)) => (f, false),
                 Some(park::Next::Resume(f)) => (f, true),
             };
+            // The releaser's work: it acts while the releaser's partition is ours.
+            follower.envelope.owner = head.owner.clone();
+            follower.envelope.hold = head.hold.clone();
             let env = &follower.envelope;
             // A resumed follower already heads the key.
             let order = match resumed {
@@ -114,18 +122,24 @@ impl Pipeline {
                     (r, matches!(dest, Destination::Tier { .. }), headed)
                 }
             };
+            // Confirmed before it leaves the queue: should the release stop in between, the
+            // next one settles it again and the ledger repeats the confirmation.
+            self.observe_latency(env, &result);
+            let pending = match self.confirm(env, &result).await {
+                Handled::Abandoned => return false,
+                Handled::Done(p) => p,
+            };
+            if let Some(p) = pending {
+                if !p.delivered(&self.shutdown, &self.fatal).await {
+                    return false;
+                }
+            }
             if self
-                .db("unpark", || park::finished(pool, &follower))
+                .db(head, "unpark", || park::finished(pool, &follower))
                 .await
                 .is_none()
             {
                 return false;
-            }
-            self.observe_latency(env, &result);
-            if let Some(pending) = self.results.publish(&result).await {
-                if !pending.delivered(&self.shutdown, &self.fatal).await {
-                    return false;
-                }
             }
             if to_tier {
                 return true;

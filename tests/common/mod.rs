@@ -156,6 +156,12 @@ impl Env {
             // Also the rebalance timeout: how long a join may wait for a member that died.
             "--kafka-config=max.poll.interval.ms=15000".into(),
         ];
+        // A flag given in `extra` replaces the harness's default (pass-through settings add up).
+        let flag = |a: &str| a.split('=').next().unwrap_or_default().to_string();
+        let given: Vec<String> = extra.iter().map(|a| flag(a)).collect();
+        argv.retain(|a| {
+            a == "test" || a.starts_with("--kafka-config") || !given.contains(&flag(a))
+        });
         argv.extend(extra.iter().map(|s| s.to_string()));
         Wrap::try_parse_from(argv)
             .expect("test arguments parse")

@@ -1,0 +1,127 @@
+//! One assignment of one partition to this consumer. Work on a message may outlive the
+//! partition's revoke (`REBALANCE_DRAIN_TIMEOUT`); once revoked, that work must not act any
+//! more (forward, park, release, publish), because the new owner redoes it. Every such side
+//! effect runs under a guard taken from the message's ownership, and the revoke closes it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedRwLockReadGuard, RwLock};
+
+#[derive(Debug, Default)]
+pub struct Ownership {
+    /// Set when the revoke begins: queued messages of the partition are not started.
+    draining: AtomicBool,
+    /// Set once the revoke is decided: no side effect may start.
+    revoked: AtomicBool,
+    /// Held (shared) by a message's work from its first side effect until its completion was
+    /// reported; the revoke takes it exclusively, so it commits everything that finished and
+    /// no side effect starts after it.
+    gate: Arc<RwLock<()>>,
+}
+
+/// Proof that the partition is still ours while it is held.
+pub type Guard = OwnedRwLockReadGuard<()>;
+
+/// One message's hold on its partition: taken at its first side effect, kept until the worker
+/// reported the message finished. Shared by the requests a release settles for it.
+#[derive(Debug, Default, Clone)]
+pub struct Hold(Arc<Mutex<Option<Guard>>>);
+
+impl Hold {
+    /// Whether the work may act (a side effect): true while holding, or once the hold is taken;
+    /// false once the partition was revoked.
+    pub async fn act(&self, owner: &Ownership) -> bool {
+        if self.0.lock().expect("hold lock").is_some() {
+            return true;
+        }
+        match owner.guard().await {
+            Some(g) => {
+                *self.0.lock().expect("hold lock") = Some(g);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The guard, for the worker to drop once it reported the message.
+    pub fn take(&self) -> Option<Guard> {
+        self.0.lock().expect("hold lock").take()
+    }
+}
+
+impl Ownership {
+    /// An ownership of a message not consumed from a partition (tools, tests): never revoked.
+    pub fn detached() -> Ownership {
+        Ownership::default()
+    }
+
+    /// Whether a queued message of this partition may still start.
+    pub fn may_start(&self) -> bool {
+        !self.draining.load(Ordering::Acquire) && !self.revoked.load(Ordering::Acquire)
+    }
+
+    /// A guard for side effects, or None once the partition was revoked.
+    pub async fn guard(&self) -> Option<Guard> {
+        let g = self.gate.clone().read_owned().await;
+        (!self.revoked.load(Ordering::Acquire)).then_some(g)
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    /// The revoke begins: nothing queued starts any more.
+    pub fn begin_revoke(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// The revoke is decided: no side effect starts from now on, and those under way get up to
+    /// `wait` to finish. Runs on the poll thread (blocking). Returns whether all finished.
+    pub fn revoke(&self, wait: Duration) -> bool {
+        self.draining.store(true, Ordering::Release);
+        self.revoked.store(true, Ordering::Release);
+        let deadline = Instant::now() + wait;
+        loop {
+            if self.gate.try_write().is_ok() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn no_side_effect_starts_after_the_revoke() {
+        let o = Ownership::default();
+        assert!(o.may_start());
+        assert!(o.guard().await.is_some());
+        o.begin_revoke();
+        assert!(!o.may_start(), "queued messages wait for the new owner");
+        assert!(
+            o.guard().await.is_some(),
+            "running work may finish during the drain"
+        );
+        assert!(o.revoke(Duration::ZERO));
+        assert!(o.guard().await.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_revoke_waits_for_a_side_effect_under_way() {
+        let o = std::sync::Arc::new(Ownership::default());
+        let g = o.guard().await.unwrap();
+        let o2 = o.clone();
+        let revoke = tokio::task::spawn_blocking(move || o2.revoke(Duration::from_millis(50)));
+        assert!(!revoke.await.unwrap(), "held past the wait");
+        drop(g);
+        assert!(o.revoke(Duration::from_millis(50)));
+    }
+}
