@@ -11,6 +11,7 @@ use crate::config::DatabaseArgs;
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "core", include_str!("../migrations/0001_core.sql")),
     (2, "retry", include_str!("../migrations/0002_retry.sql")),
+    (3, "fence", include_str!("../migrations/0003_fence.sql")),
 ];
 
 /// Key of the advisory lock that serialises migrations across replicas starting together.

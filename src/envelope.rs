@@ -197,6 +197,7 @@ impl Envelope {
             partition: self.origin.partition,
             offset: self.origin.offset,
             order_key,
+            fence: None,
         }
     }
 }

@@ -33,6 +33,8 @@ pub mod attempt {
     pub const DUPLICATE: &str = "duplicate";
     /// Nothing written: the request's key is parked (per-key ordering).
     pub const BLOCKED: &str = "blocked";
+    /// Nothing written: another owner claimed the partition (stale work fenced).
+    pub const FENCED: &str = "fenced";
 }
 
 pub struct Metrics {

@@ -46,10 +46,12 @@ pub struct OffsetTracker {
 impl OffsetTracker {
     pub fn assign(&mut self, tp: TopicPartition) {
         self.epochs += 1;
+        let owner = Arc::new(Ownership::of(&tp.0, tp.1));
         self.parts.insert(
             tp,
             Partition {
                 epoch: self.epochs,
+                owner,
                 ..Default::default()
             },
         );

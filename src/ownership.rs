@@ -11,6 +11,10 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 
 #[derive(Debug, Default)]
 pub struct Ownership {
+    /// The consumed partition; None for work not tied to one (tools, the reaper).
+    pub partition: Option<(String, i32)>,
+    /// This assignment's generation in `partition_owner`, claimed before its first write.
+    pub generation: tokio::sync::OnceCell<i64>,
     /// Set when the revoke begins: queued messages of the partition are not started.
     draining: AtomicBool,
     /// Set once the revoke is decided: no side effect may start.
@@ -55,6 +59,13 @@ impl Ownership {
     /// An ownership of a message not consumed from a partition (tools, tests): never revoked.
     pub fn detached() -> Ownership {
         Ownership::default()
+    }
+
+    pub fn of(topic: &str, partition: i32) -> Ownership {
+        Ownership {
+            partition: Some((topic.to_string(), partition)),
+            ..Ownership::default()
+        }
     }
 
     /// Whether a queued message of this partition may still start.

@@ -27,6 +27,9 @@ pub struct Source {
     /// With per-key ordering, the message key: the transaction writes nothing while this key
     /// is parked (`parked_key`) and reports `blocked` instead. None skips that check.
     pub order_key: Option<Vec<u8>>,
+    /// The consumed partition and this owner's generation: the transaction writes nothing once
+    /// another owner claimed a later one (`fenced`). None skips that check.
+    pub fence: Option<(String, i32, i64)>,
 }
 
 /// What the transaction did with the request.
@@ -37,6 +40,8 @@ pub enum Written {
     Duplicate,
     /// Nothing written: an earlier request of the key waits in a retry tier.
     Blocked,
+    /// Nothing written: the partition belongs to another owner now.
+    Fenced,
 }
 
 #[derive(Debug, Clone)]
@@ -47,13 +52,21 @@ pub struct Persisted {
 }
 
 const PERSIST_SQL: &str = r#"
-WITH blocked AS (
+WITH owner AS (
+    -- The share lock makes a new owner's claim wait for this transaction, and this one see a
+    -- claim committed before it (40001 under SERIALIZABLE, then retried and fenced).
+    SELECT generation FROM partition_owner
+    WHERE $21::text IS NOT NULL AND topic = $21 AND partition = $22
+    FOR SHARE
+), fenced AS (
+    SELECT $21::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM owner WHERE generation = $23) AS yes
+), blocked AS (
     SELECT 1 FROM parked_key
     WHERE $20::bytea IS NOT NULL AND topic = $3 AND partition = $4 AND key = $20::bytea
 ), led AS (
     INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset)
     SELECT $1::text, gen_random_uuid(), $2::text, $3::text, $4::int4, $5::int8
-    WHERE NOT EXISTS (SELECT 1 FROM blocked)
+    WHERE NOT EXISTS (SELECT 1 FROM blocked) AND NOT (SELECT yes FROM fenced)
     ON CONFLICT (request_id) DO NOTHING
     RETURNING recommendation_id
 ), ctx AS (
@@ -92,12 +105,22 @@ FROM rec, ctx
 UNION ALL
 SELECT p.recommendation_id::text, NULL, 0, p.transaction_id::text, false, COALESCE(p.confirmation, '{}'::jsonb)
 FROM processed_request p
-WHERE p.request_id = $1 AND NOT EXISTS (SELECT 1 FROM led)
+WHERE p.request_id = $1 AND NOT EXISTS (SELECT 1 FROM led) AND NOT (SELECT yes FROM fenced)
 UNION ALL
 SELECT NULL, NULL, 0, NULL, false, NULL
-WHERE EXISTS (SELECT 1 FROM blocked)
+WHERE EXISTS (SELECT 1 FROM blocked) AND NOT (SELECT yes FROM fenced)
   AND NOT EXISTS (SELECT 1 FROM processed_request WHERE request_id = $1)
+UNION ALL
+SELECT NULL, NULL, -1, NULL, false, NULL
+WHERE (SELECT yes FROM fenced)
 "#;
+
+/// Claims the next generation of a consumed partition for a new owner; waits for transactions
+/// of earlier owners that hold their share lock.
+pub const CLAIM_SQL: &str =
+    "INSERT INTO partition_owner AS o (topic, partition, generation) VALUES ($1, $2, 1)
+     ON CONFLICT (topic, partition) DO UPDATE SET generation = o.generation + 1, claimed_at = now()
+     RETURNING generation";
 
 /// Added to twice the statement timeout for the client-side deadline of one transaction.
 const CLIENT_DEADLINE_MARGIN: Duration = Duration::from_secs(5);
@@ -190,6 +213,7 @@ impl Persister {
                 Written::New => attempt::COMMITTED,
                 Written::Duplicate => attempt::DUPLICATE,
                 Written::Blocked => attempt::BLOCKED,
+                Written::Fenced => attempt::FENCED,
             },
             Err(f) => f.class,
         };
@@ -232,6 +256,14 @@ impl Persister {
             let Some(row) = rows.first() else {
                 return Err(Failure::unexpected("persist statement returned no row"));
             };
+            if row.get::<_, i32>(2) < 0 {
+                client.batch_execute("COMMIT").await?;
+                return Ok(Persisted {
+                    result: bare_result(request_id),
+                    written: Written::Fenced,
+                    attempts: 0,
+                });
+            }
             if row.get::<_, Option<String>>(0).is_none() {
                 client.batch_execute("COMMIT").await?;
                 return Ok(Persisted {
@@ -362,6 +394,9 @@ struct Params<'a> {
     justifications: Vec<&'a str>,
     reasons: Vec<Json>,
     order_key: Option<&'a [u8]>,
+    fence_topic: Option<&'a str>,
+    fence_partition: Option<i32>,
+    fence_generation: Option<i64>,
 }
 
 impl<'a> Params<'a> {
@@ -385,10 +420,13 @@ impl<'a> Params<'a> {
                 .map(|b| Json::from(b.key_reasons.clone()))
                 .collect(),
             order_key: source.order_key.as_deref(),
+            fence_topic: source.fence.as_ref().map(|f| f.0.as_str()),
+            fence_partition: source.fence.as_ref().map(|f| f.1),
+            fence_generation: source.fence.as_ref().map(|f| f.2),
         }
     }
 
-    fn as_refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 20] {
+    fn as_refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 23] {
         let c = &self.req.context;
         [
             &self.request_id,
@@ -411,6 +449,9 @@ impl<'a> Params<'a> {
             &self.justifications,
             &self.reasons,
             &self.order_key,
+            &self.fence_topic,
+            &self.fence_partition,
+            &self.fence_generation,
         ]
     }
 }

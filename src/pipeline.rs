@@ -20,6 +20,7 @@ use crate::persist::{Persisted, Persister, Source, Written};
 use crate::results::{PendingResult, ResultPublisher};
 use crate::route::{self, Destination, Router};
 
+mod claim;
 mod ordering;
 use ordering::{KeyHold, Order};
 use rdkafka::error::KafkaError;
@@ -186,10 +187,19 @@ impl Pipeline {
             Order::Fresh(k) => Some(k.clone()),
             _ => None,
         };
-        let source = env.source(order_key);
+        let mut source = env.source(order_key);
+        source.fence = match self.fence(env).await {
+            Ok(f) => f,
+            Err(()) => return Settled::Abandoned,
+        };
         let (request_id, user_id, outcome) = self.process(&env.payload, &source).await;
         match outcome {
             Ok(persisted) if persisted.written == Written::Blocked => Settled::Blocked,
+            // Another owner has the partition now and redoes the message.
+            Ok(persisted) if persisted.written == Written::Fenced => {
+                tracing::info!(topic = %env.topic, partition = env.partition, offset = env.offset, "partition claimed by another owner: message left to it");
+                Settled::Abandoned
+            }
             Ok(persisted) => Settled::Persisted(self.succeeded(env, persisted)),
             Err(f) if f.disposition == Disposition::Fatal => {
                 self.stop_fatal(&f);

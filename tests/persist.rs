@@ -38,6 +38,7 @@ fn source() -> Source {
         partition: 0,
         offset: 0,
         order_key: None,
+        fence: None,
     }
 }
 
