@@ -101,6 +101,16 @@ impl Failure {
         )
     }
 
+    /// A Kafka producer that can no longer produce anything.
+    pub fn producer_fatal(message: String) -> Self {
+        Self::new(
+            class::DEPLOYMENT,
+            "producer_fatal",
+            message,
+            Disposition::Fatal,
+        )
+    }
+
     pub fn oversize(len: usize, max: usize) -> Self {
         let msg = format!("value of {len} bytes exceeds MAX_MESSAGE_BYTES {max}");
         Self::new(class::OVERSIZE, "oversize", msg, Disposition::DeadLetter)

@@ -268,6 +268,12 @@ impl Pipeline {
                 }
                 continue;
             }
+            if let Some(why) = self.router.fatal_error() {
+                // Nothing will be forwarded again: exit, committing nothing unfinished, so the
+                // orchestrator restarts the agent with a new producer.
+                self.stop_fatal(&Failure::producer_fatal(why));
+                return Settled::Abandoned;
+            }
             tracing::warn!(topic = dest.topic(), error = %e, retry_in = ?delay, "cannot forward a failed message; holding it");
             if !self.hold(&mut delay).await {
                 return Settled::Abandoned;

@@ -163,6 +163,16 @@ impl Router {
         }
     }
 
+    /// librdkafka's fatal error of the forwarding producer (a broken idempotent sequence,
+    /// fencing): it will refuse every record from now on.
+    pub fn fatal_error(&self) -> Option<String> {
+        use rdkafka::producer::Producer;
+        let (code, reason) = self.producer.client().fatal_error()?;
+        Some(format!(
+            "forwarding producer failed fatally: {code:?}: {reason}"
+        ))
+    }
+
     /// The next tier, or the dead-letter topic when the failure will not heal, the tiers are
     /// spent, or the first failure is older than `GIVE_UP_AFTER`.
     pub fn destination(&self, env: &Envelope, f: &Failure, now: DateTime<Utc>) -> Destination {

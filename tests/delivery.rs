@@ -67,3 +67,33 @@ async fn a_fatal_results_producer_stops_the_agent_with_nothing_committed() {
         "the unconfirmed request is not committed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_forwarding_producer_stops_the_agent_with_nothing_committed() {
+    let cluster = MockCluster::new(1).unwrap();
+    let env = Env::without_topics(common::database_url(), cluster.bootstrap_servers()).await;
+    for t in [&env.topic, &env.results, &env.dlq(), &env.tier_topic("1h")] {
+        cluster.create_topic(t, 1, 1).unwrap();
+    }
+    // An unknown book: the request goes to a retry tier, and that forward fails fatally.
+    env.produce(
+        "u1",
+        &json(request("u1", Some("r1"), &[("b-unknown", 0.5)])),
+    )
+    .await;
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 5],
+    );
+    let agent: Agent = env.start(ARGS).await;
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), agent.wait())
+        .await
+        .expect("the agent stops by itself");
+    let err = stopped.expect_err("a fatal error is an error exit");
+    assert!(err.to_string().contains("forwarding producer"), "{err}");
+    assert_eq!(
+        env.committed(0),
+        None,
+        "the unrouted request is not committed"
+    );
+}
