@@ -64,8 +64,14 @@ async fn a_read_only_primary_pauses_instead_of_routing() {
     set_read_only(&env, true).await;
     produce_range(&env, 3..8).await;
     wait_for_outage(&agent).await;
-    // Probing goes on meanwhile; a read-only database must not look recovered.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Probing goes on meanwhile; a read-only database must not look recovered, so no
+    // transaction is tried against it (each would fail with 25006).
+    // In-process retries already under way end within 2.6 s × 1.5 (TXN_BACKOFF, jittered).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let tried = || agent.metrics.attempt_count("database_outage");
+    let before = tried();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(tried(), before, "no transaction tried while read-only");
     assert_eq!(agent.metrics.database_outage.get(), 1, "still an outage");
     set_read_only(&env, false).await;
     env.wait_count("SELECT count(*) FROM recommendation", 8, 60)
@@ -157,7 +163,13 @@ async fn a_connection_that_stops_answering_is_an_outage() {
         .to_string();
     let proxy = FreezingProxy::start(host_port.clone()).await;
     let proxied = upstream.replacen(&host_port, &format!("127.0.0.1:{}", proxy.port), 1);
-    let mut args = env.run_args(&["--retry-delays=1s", "--statement-timeout=1s"]);
+    // One connection, already open when it freezes: only the transaction hung on it can tell.
+    let mut args = env.run_args(&[
+        "--retry-delays=1s",
+        "--statement-timeout=1s",
+        "--database-pool-size=1",
+        "--workers=1",
+    ]);
     args.db.database_url = proxied;
     let metrics = Arc::new(persistence_agent::metrics::Metrics::new());
     let agent = Agent::start(args, metrics).await.expect("agent starts");
