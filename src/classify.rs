@@ -198,7 +198,14 @@ impl From<&tokio_postgres::Error> for Failure {
         let message = e
             .as_db_error()
             .map_or_else(|| e.to_string(), |d| d.message().to_string());
-        let (cls, disposition) = classify_sqlstate(state);
+        let (cls, disposition) = match classify_sqlstate(state) {
+            // A hot standby refuses SERIALIZABLE: the primary is gone (a failover under way).
+            // Other 0A000s (a cached plan whose result type changed) are not outages.
+            _ if *state == SqlState::FEATURE_NOT_SUPPORTED && message.contains("hot standby") => {
+                (class::OUTAGE, Disposition::Outage)
+            }
+            other => other,
+        };
         Self::new(cls, state.code(), message, disposition)
     }
 }
@@ -223,9 +230,7 @@ pub fn classify_sqlstate(state: &SqlState) -> (&'static str, Disposition) {
             || *state == SqlState::CRASH_SHUTDOWN
             || *state == SqlState::CANNOT_CONNECT_NOW
             || *state == SqlState::TOO_MANY_CONNECTIONS
-            || *state == SqlState::READ_ONLY_SQL_TRANSACTION
-            // A hot standby refuses SERIALIZABLE: the primary is gone (failover under way).
-            || *state == SqlState::FEATURE_NOT_SUPPORTED =>
+            || *state == SqlState::READ_ONLY_SQL_TRANSACTION =>
         {
             (class::OUTAGE, Outage)
         }
@@ -273,7 +278,7 @@ mod tests {
             (SqlState::CANNOT_CONNECT_NOW, Outage),
             (SqlState::TOO_MANY_CONNECTIONS, Outage),
             (SqlState::READ_ONLY_SQL_TRANSACTION, Outage),
-            (SqlState::FEATURE_NOT_SUPPORTED, Outage),
+            (SqlState::FEATURE_NOT_SUPPORTED, RetryTier),
             (SqlState::UNDEFINED_TABLE, Fatal),
             (SqlState::INTERNAL_ERROR, RetryTier),
             (SqlState::DISK_FULL, Outage),

@@ -97,7 +97,11 @@ impl ConsumerContext for AgentContext {
             owners.iter().for_each(|o| o.begin_revoke());
             let drained = self.shared.drain(consumer, &tps, timeout);
             // Work that outlived the drain may not act any more: the new owner redoes it.
-            let settled = owners.iter().all(|o| o.revoke(REVOKE_WAIT));
+            // Every partition closes at once; then one shared wait for work still holding them.
+            owners.iter().for_each(|o| o.close());
+            let deadline = Instant::now() + REVOKE_WAIT;
+            let busy = owners.iter().filter(|o| !o.wait_idle(deadline)).count();
+            let settled = busy == 0;
             // Work that held the partition reported before letting go: commit it too.
             self.shared.apply_ready(consumer);
             tracing::info!(

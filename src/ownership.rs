@@ -13,8 +13,9 @@ use tokio::sync::{OwnedRwLockReadGuard, RwLock};
 pub struct Ownership {
     /// The consumed partition; None for work not tied to one (tools, the reaper).
     pub partition: Option<(String, i32)>,
-    /// This assignment's generation in `partition_owner`, claimed before its first write.
-    pub generation: tokio::sync::OnceCell<i64>,
+    /// This assignment's generation in `partition_owner`, claimed before its first write (one
+    /// claim at a time: the lock is held while claiming).
+    pub generation: tokio::sync::Mutex<Option<i64>>,
     /// Set when the revoke begins: queued messages of the partition are not started.
     draining: AtomicBool,
     /// Set once the revoke is decided: no side effect may start.
@@ -37,6 +38,10 @@ impl Hold {
     /// Whether the work may act (a side effect): true while holding, or once the hold is taken;
     /// false once the partition was revoked.
     pub async fn act(&self, owner: &Ownership) -> bool {
+        // Work still holding after the revoke gave up waiting for it stops here too.
+        if owner.is_revoked() {
+            return false;
+        }
         if self.0.lock().expect("hold lock").is_some() {
             return true;
         }
@@ -91,9 +96,18 @@ impl Ownership {
     /// The revoke is decided: no side effect starts from now on, and those under way get up to
     /// `wait` to finish. Runs on the poll thread (blocking). Returns whether all finished.
     pub fn revoke(&self, wait: Duration) -> bool {
+        self.close();
+        self.wait_idle(Instant::now() + wait)
+    }
+
+    /// Marks the assignment revoked: no side effect starts from now on.
+    pub fn close(&self) {
         self.draining.store(true, Ordering::Release);
         self.revoked.store(true, Ordering::Release);
-        let deadline = Instant::now() + wait;
+    }
+
+    /// Waits until no work holds the assignment, or `deadline`; whether it got there.
+    pub fn wait_idle(&self, deadline: Instant) -> bool {
         loop {
             if self.gate.try_write().is_ok() {
                 return true;

@@ -169,6 +169,13 @@ pub async fn next_follower(
         tx.commit().await?;
         return Ok(promoted.map_or(Next::Done, |r| Next::Resume(follower(key, &r, trust))));
     }
+    // A promoted head's own queue entry, should its first release still be waiting for its
+    // confirmation: the head is settled, so it must not come back as its own follower.
+    tx.execute(
+        "DELETE FROM parked_message WHERE topic = $1 AND partition = $2 AND key = $3 AND source_offset = $4",
+        &[&key.topic, &key.partition, &key.key, &head],
+    )
+    .await?;
     let next = tx
         .query_opt(
             &format!(

@@ -199,12 +199,9 @@ impl Persister {
         let started = Instant::now();
         // The server's statement timeout cannot fire on a connection that no longer answers:
         // a client-side deadline over both round trips (the connection is then discarded).
-        let deadline = timeout * 2 + CLIENT_DEADLINE_MARGIN;
-        let txn = self.transaction(req, request_id, source, timeout, started);
-        let result = match tokio::time::timeout(deadline, txn).await {
-            Ok(r) => r,
-            Err(_) => Err(Failure::hung(deadline)),
-        };
+        let result = self
+            .transaction(req, request_id, source, timeout, started)
+            .await;
         self.metrics
             .txn_duration
             .observe(started.elapsed().as_secs_f64());
@@ -230,6 +227,35 @@ impl Persister {
         started: Instant,
     ) -> Result<Persisted, Failure> {
         let mut guard = Checkout(Some(self.pool.get().await.map_err(|e| Failure::from(&e))?));
+        // Counted from the checkout: a wait for a busy pool is not a hung connection.
+        let deadline = timeout * 2 + CLIENT_DEADLINE_MARGIN;
+        let outcome = tokio::time::timeout(
+            deadline,
+            Self::statements(&guard, req, request_id, source, timeout, started),
+        )
+        .await
+        .unwrap_or_else(|_| Err(Failure::hung(deadline)));
+        // A hung connection is dropped with the guard (discarded, not pooled), unasked.
+        if matches!(&outcome, Err(f) if f.code == "client_deadline") {
+            return outcome;
+        }
+        let client = guard.0.as_ref().expect("checked out");
+        if outcome.is_err() && !client.is_closed() {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        guard.release();
+        outcome
+    }
+
+    /// The statements of one attempt on a checked-out connection (BEGIN to COMMIT).
+    async fn statements(
+        guard: &Checkout,
+        req: &PersistenceRequest,
+        request_id: &str,
+        source: &Source,
+        timeout: Duration,
+        started: Instant,
+    ) -> Result<Persisted, Failure> {
         let client = guard.0.as_ref().expect("checked out");
         let stmt = client
             .prepare_cached(PERSIST_SQL)
@@ -300,10 +326,6 @@ impl Persister {
             })
         }
         .await;
-        if outcome.is_err() && !client.is_closed() {
-            let _ = client.batch_execute("ROLLBACK").await;
-        }
-        guard.release();
         outcome
     }
 }

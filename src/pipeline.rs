@@ -13,6 +13,7 @@ use crate::classify::{Disposition, Failure};
 use crate::decode::{DecodeError, Decoder};
 use crate::envelope::{format_time, Envelope, Trust};
 use crate::metrics::{outcome, Metrics};
+use crate::model::limits::MAX_ID_CHARS;
 use crate::model::{status, PersistenceRequest, PersistenceResult, ResultError, Routing};
 use crate::ownership::{Hold, Ownership};
 use crate::park::{self, Gate};
@@ -188,18 +189,24 @@ impl Pipeline {
             _ => None,
         };
         let mut source = env.source(order_key);
-        source.fence = match self.fence(env).await {
-            Ok(f) => f,
-            Err(()) => return Settled::Abandoned,
+        let (request_id, user_id, outcome) = loop {
+            source.fence = match self.fence(env).await {
+                Ok(f) => f,
+                Err(()) => return Settled::Abandoned,
+            };
+            let processed = self.process(&env.payload, &source).await;
+            let generation = source.fence.as_ref().map_or(0, |f| f.2);
+            match &processed.2 {
+                Ok(p) if p.written == Written::Fenced => {
+                    if !self.fenced(env, generation).await {
+                        return Settled::Abandoned;
+                    }
+                }
+                _ => break processed,
+            }
         };
-        let (request_id, user_id, outcome) = self.process(&env.payload, &source).await;
         match outcome {
             Ok(persisted) if persisted.written == Written::Blocked => Settled::Blocked,
-            // Another owner has the partition now and redoes the message.
-            Ok(persisted) if persisted.written == Written::Fenced => {
-                tracing::info!(topic = %env.topic, partition = env.partition, offset = env.offset, "partition claimed by another owner: message left to it");
-                Settled::Abandoned
-            }
             Ok(persisted) => Settled::Persisted(self.succeeded(env, persisted)),
             Err(f) if f.disposition == Disposition::Fatal => {
                 self.stop_fatal(&f);
@@ -301,8 +308,16 @@ impl Pipeline {
             Ok(req) => req,
             Err(f) => return (derived, None, Err(f)),
         };
-        let request_id = req.metadata.request_id.clone().unwrap_or(derived);
-        let user_id = Some(req.user_id.clone()).filter(|u| !u.is_empty());
+        // Both reach the result event (its key) before validation: an id validation would
+        // refuse is not repeated there (a 600 kB id would make an undeliverable event).
+        let bounded = |id: &String| !id.trim().is_empty() && id.chars().count() <= MAX_ID_CHARS;
+        let request_id = req
+            .metadata
+            .request_id
+            .clone()
+            .filter(bounded)
+            .unwrap_or(derived);
+        let user_id = Some(req.user_id.clone()).filter(bounded);
         if let Err(e) = req.validate() {
             return (request_id, user_id, Err(Failure::from(&e)));
         }

@@ -6,7 +6,6 @@ use std::time::Duration;
 use apache_avro::Schema;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
 
 use tokio_util::sync::CancellationToken;
 
@@ -105,27 +104,14 @@ async fn send(
     topic: &str,
     key: &str,
     payload: &[u8],
-) -> Option<DeliveryFuture> {
-    let mut record = FutureRecord::to(topic).key(key).payload(payload);
-    loop {
-        match producer.send_result(record) {
-            Ok(future) => return Some(future),
-            // The local queue is full: wait for deliveries to drain it.
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                record = r;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err((e, _)) => {
-                tracing::warn!(request_id = %key, error = %e, "result event not accepted by the producer");
-                return None;
-            }
-        }
-    }
+) -> Result<DeliveryFuture, KafkaError> {
+    let record = FutureRecord::to(topic).key(key.as_bytes()).payload(payload);
+    crate::route::send_queued(producer, record).await
 }
 
 /// A result event handed to the producer, not yet acknowledged.
 pub struct PendingResult {
-    future: Option<DeliveryFuture>,
+    future: Result<DeliveryFuture, KafkaError>,
     producer: FutureProducer,
     topic: String,
     request_id: String,
@@ -149,18 +135,24 @@ impl PendingResult {
     ) -> bool {
         let mut delay = Duration::from_millis(100);
         loop {
-            let error = match self.future.take() {
-                None => "not accepted by the producer".to_string(),
-                Some(f) => match f.await {
-                    Ok(Ok(_)) => {
+            let pending = std::mem::replace(&mut self.future, Err(KafkaError::Canceled));
+            let error = match pending {
+                Err(e) => e,
+                Ok(f) => match crate::route::acked(f).await {
+                    Ok(()) => {
                         count(&self.metrics, "ok");
                         return true;
                     }
-                    Ok(Err((e, _))) => e.to_string(),
-                    Err(_) => "delivery canceled".to_string(),
+                    Err(e) => e,
                 },
             };
             count(&self.metrics, "error");
+            // Refused for its size, it would be refused forever: holding the message for it
+            // would wedge the partition. (Ids are bounded, so only a misconfigured topic does.)
+            if crate::route::is_too_large(&error) {
+                tracing::error!(request_id = %self.request_id, %error, "result event refused for its size; not sent");
+                return true;
+            }
             if let Some((code, reason)) = self.producer.client().fatal_error() {
                 let why = format!("results producer failed fatally: {code:?}: {reason}");
                 tracing::error!(request_id = %self.request_id, error = %why, "stopping: nothing unfinished is committed");

@@ -222,3 +222,51 @@ proptest! {
         prop_assert_eq!(got, Some(("validation", "field_too_long".to_string())));
     }
 }
+
+/// The fuzz target's seed corpus (`fuzz/corpus/decode`): valid requests in each framing, their
+/// truncations, and every hostile kind. Every file decodes to a request or a known class.
+/// `WRITE_FUZZ_CORPUS=1 cargo test --test hostile_decode fuzz_corpus` writes it anew.
+#[test]
+fn fuzz_corpus_decodes_to_known_classes() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode");
+    if std::env::var_os("WRITE_FUZZ_CORPUS").is_some() {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut seeds: Vec<(String, Vec<u8>)> = Vec::new();
+        for f in [
+            WireFormat::Json,
+            WireFormat::AvroSingle,
+            WireFormat::AvroConfluent,
+        ] {
+            let v = valid(f);
+            for cut in [v.len(), v.len() / 2, 12] {
+                seeds.push((format!("valid-{f:?}-{cut}"), v[..cut.min(v.len())].to_vec()));
+            }
+        }
+        for (name, payload, _, _) in hostile::kinds() {
+            // Large seeds slow every fuzzing run down: keep the small ones.
+            if payload.len() <= 4096 {
+                seeds.push((name.replace([' ', ',', ':'], "-"), payload));
+            }
+        }
+        seeds.push(("deep-json-200".into(), hostile::deep_json(200)));
+        for (name, bytes) in seeds {
+            std::fs::write(dir.join(name.to_lowercase()), bytes).unwrap();
+        }
+    }
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("fuzz/corpus/decode exists")
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(
+        files.len() >= 10,
+        "the corpus has its seeds: {}",
+        files.len()
+    );
+    for path in files {
+        let payload = std::fs::read(&path).unwrap();
+        if let Some((class, _)) = classify(&payload) {
+            assert!(CLASSES.contains(&class), "{}: {class}", path.display());
+        }
+    }
+}

@@ -1,28 +1,53 @@
 //! The database side of fencing: a new owner of a consumed partition claims the next
 //! generation before its first write, and every transaction carries its owner's generation.
 
-use super::{Pipeline, FIRST_HOLD};
+use super::{Pipeline, FIRST_HOLD, MAX_PROBE_INTERVAL};
 use crate::classify::Failure;
 use crate::envelope::Envelope;
 use crate::persist::CLAIM_SQL;
 
+/// An earlier owner's transaction holds its share lock for seconds at most; a connection of it
+/// that went half-open holds it until the server notices (`idle_in_transaction_session_timeout`).
+const CLAIM_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '10s'";
+
+/// The consumed partition and its owner's generation, as a transaction checks them.
+pub type Fence = (String, i32, i64);
+
 impl Pipeline {
     /// The consumed partition and this owner's generation, claimed on first use; None when the
     /// message is not tied to a partition. Err(()) at shutdown or once the partition was revoked.
-    pub(super) async fn fence(&self, env: &Envelope) -> Result<Option<(String, i32, i64)>, ()> {
+    pub(super) async fn fence(&self, env: &Envelope) -> Result<Option<Fence>, ()> {
         let Some((topic, partition)) = env.owner.partition.clone() else {
             return Ok(None);
         };
-        let generation = env
-            .owner
-            .generation
-            .get_or_try_init(|| self.claim(env, &topic, partition))
-            .await?;
-        Ok(Some((topic, partition, *generation)))
+        // Held while claiming: the partition's other workers wait for the one claim.
+        let mut generation = env.owner.generation.lock().await;
+        if let Some(g) = *generation {
+            return Ok(Some((topic, partition, g)));
+        }
+        let g = self.claim(env, &topic, partition).await?;
+        *generation = Some(g);
+        Ok(Some((topic, partition, g)))
+    }
+
+    /// Another owner claimed the partition while this consumer still has it assigned: either
+    /// this one is stale and about to hear of it (then the work stops), or a stale owner's
+    /// claim landed late. After a pause, claim it again (false: revoked or shutdown meanwhile).
+    pub(super) async fn fenced(&self, env: &Envelope, generation: i64) -> bool {
+        let mut delay = MAX_PROBE_INTERVAL;
+        if env.owner.is_revoked() || !self.hold(&mut delay).await || env.owner.is_revoked() {
+            return false;
+        }
+        let mut current = env.owner.generation.lock().await;
+        if *current == Some(generation) {
+            tracing::warn!(topic = %env.topic, partition = env.partition, generation, "partition claimed by another owner while assigned here: claiming it again");
+            *current = None;
+        }
+        true
     }
 
     /// Claims the next generation, waiting out the database like any write; Err(()) when the
-    /// partition is revoked (or shutdown begins) first.
+    /// partition is revoked (or shutdown begins) first, or while the claim was under way.
     async fn claim(&self, env: &Envelope, topic: &str, partition: i32) -> Result<i64, ()> {
         let mut delay = FIRST_HOLD;
         loop {
@@ -30,16 +55,17 @@ impl Pipeline {
                 return Err(());
             }
             let claimed = async {
-                let c = self
-                    .persister
-                    .pool()
-                    .get()
-                    .await
-                    .map_err(|e| Failure::from(&e))?;
-                let row = c.query_one(CLAIM_SQL, &[&topic, &partition]).await?;
+                let pool = self.persister.pool();
+                let mut c = pool.get().await.map_err(|e| Failure::from(&e))?;
+                let tx = c.transaction().await?;
+                tx.batch_execute(CLAIM_LOCK_TIMEOUT).await?;
+                let row = tx.query_one(CLAIM_SQL, &[&topic, &partition]).await?;
+                tx.commit().await?;
                 Ok::<i64, Failure>(row.get(0))
             };
             let f = match claimed.await {
+                // A claim landing after the revoke must not count as this owner's.
+                Ok(_) if env.owner.is_revoked() => return Err(()),
                 Ok(generation) => {
                     tracing::debug!(topic, partition, generation, "partition claimed");
                     return Ok(generation);

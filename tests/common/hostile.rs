@@ -98,6 +98,9 @@ pub fn kinds() -> Vec<(&'static str, Vec<u8>, &'static str, &'static str)> {
             b
         })
         .collect();
+    // Validation refuses it, but it used to become the result event's key: too large to send.
+    let mut long_id = base();
+    long_id.metadata.request_id = Some("i".repeat(600_000));
     let mut long = base();
     long.justified_books[0].justification = "x".repeat(600_000);
     let mut named = base();
@@ -151,6 +154,12 @@ pub fn kinds() -> Vec<(&'static str, Vec<u8>, &'static str, &'static str)> {
             encode(&many, WireFormat::Json),
             "validation",
             "too_many_items",
+        ),
+        (
+            "600 kB request id",
+            encode(&long_id, WireFormat::Json),
+            "validation",
+            "field_too_long",
         ),
         (
             "600 kB justification",
