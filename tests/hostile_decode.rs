@@ -225,12 +225,12 @@ proptest! {
 
 /// The fuzz target's seed corpus (`fuzz/corpus/decode`): valid requests in each framing, their
 /// truncations, and every hostile kind. Every file decodes to a request or a known class.
-/// `WRITE_FUZZ_CORPUS=1 cargo test --test hostile_decode fuzz_corpus` writes it anew.
+/// `WRITE_FUZZ_CORPUS=1 cargo test --test hostile_decode fuzz_corpus` writes these seeds again.
 #[test]
 fn fuzz_corpus_decodes_to_known_classes() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode");
     if std::env::var_os("WRITE_FUZZ_CORPUS").is_some() {
-        let _ = std::fs::remove_dir_all(&dir);
+        // Adds or rewrites these seeds; others (fuzz/gen_corpus.py's) stay.
         std::fs::create_dir_all(&dir).unwrap();
         let mut seeds: Vec<(String, Vec<u8>)> = Vec::new();
         for f in [
