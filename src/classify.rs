@@ -296,6 +296,8 @@ mod tests {
         assert_eq!((f.class, f.disposition), (class::OUTAGE, Outage));
         let f = Failure::from(&PoolError::Timeout(TimeoutType::Wait));
         assert_eq!((f.class, f.disposition), (class::POOL, RetryInProcess));
+        assert!(f.waits_for_connection(), "it waits for a connection");
+        assert!(!f.waits_for_database(), "a busy pool is not an outage");
     }
 
     #[test]

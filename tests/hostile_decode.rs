@@ -223,37 +223,12 @@ proptest! {
     }
 }
 
-/// The fuzz target's seed corpus (`fuzz/corpus/decode`): valid requests in each framing, their
-/// truncations, and every hostile kind. Every file decodes to a request or a known class.
-/// `WRITE_FUZZ_CORPUS=1 cargo test --test hostile_decode fuzz_corpus` writes these seeds again.
+/// The fuzz target's seed corpus (`fuzz/corpus/decode`, written by `fuzz/gen_corpus.py`):
+/// valid requests in each framing, their truncations, and the small hostile kinds. Every file
+/// decodes to a request or a known class.
 #[test]
 fn fuzz_corpus_decodes_to_known_classes() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode");
-    if std::env::var_os("WRITE_FUZZ_CORPUS").is_some() {
-        // Adds or rewrites these seeds; others (fuzz/gen_corpus.py's) stay.
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut seeds: Vec<(String, Vec<u8>)> = Vec::new();
-        for f in [
-            WireFormat::Json,
-            WireFormat::AvroSingle,
-            WireFormat::AvroConfluent,
-        ] {
-            let v = valid(f);
-            for cut in [v.len(), v.len() / 2, 12] {
-                seeds.push((format!("valid-{f:?}-{cut}"), v[..cut.min(v.len())].to_vec()));
-            }
-        }
-        for (name, payload, _, _) in hostile::kinds() {
-            // Large seeds slow every fuzzing run down: keep the small ones.
-            if payload.len() <= 4096 {
-                seeds.push((name.replace([' ', ',', ':'], "-"), payload));
-            }
-        }
-        seeds.push(("deep-json-200".into(), hostile::deep_json(200)));
-        for (name, bytes) in seeds {
-            std::fs::write(dir.join(name.to_lowercase()), bytes).unwrap();
-        }
-    }
     let files: Vec<_> = std::fs::read_dir(&dir)
         .expect("fuzz/corpus/decode exists")
         .map(|e| e.unwrap().path())

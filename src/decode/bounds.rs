@@ -1,5 +1,5 @@
 //! Bounds every length and count in an Avro datum before apache-avro decodes it. apache-avro
-//! reserves an array's declared block count up front (a 30-byte message declaring 500 million
+//! reserves an array's declared block count up front (a 21-byte message declaring 500 million
 //! items asks for 28 GB and aborts the process), so each declared length is checked here
 //! against the bytes that are really left, without allocating anything.
 

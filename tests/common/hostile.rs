@@ -54,7 +54,7 @@ pub fn confluent_header() -> Vec<u8> {
 }
 
 /// `userId` "u", `mood` "m", `profile` "p", then `interests` declaring `count` items: the
-/// 30-byte message that used to make apache-avro reserve 28 GB and abort the process.
+/// 21-byte message that used to make apache-avro reserve 28 GB and abort the process.
 pub fn huge_array(header: Vec<u8>, count: i64) -> Vec<u8> {
     let mut out = header;
     for s in ["u", "m", "p"] {
