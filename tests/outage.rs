@@ -186,3 +186,36 @@ async fn a_connection_that_stops_answering_is_an_outage() {
     stop(agent).await;
     assert_eq!(env.committed(0), Some(5));
 }
+
+/// Probing a database that is down is one cheap query: it goes on every second at most, so
+/// writing resumes within about a second of the database's return, however long it was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writing_resumes_within_seconds_of_the_database_returning() {
+    let cluster = common::TestCluster::start_new();
+    let env = Env::with_database(cluster.url(), 1).await;
+    env.books(&["b1"]).await;
+    let agent = env
+        .start(&["--retry-delays=1s", "--txn-backoff=10ms"])
+        .await;
+    produce_range(&env, 0..1).await;
+    env.wait_count("SELECT count(*) FROM recommendation", 1, 30)
+        .await;
+    cluster.stop();
+    produce_range(&env, 1..3).await;
+    wait_for_outage(&agent).await;
+    // A doubling backoff (200 ms, 400 ms, …) would next probe about 25 s into the outage.
+    tokio::time::sleep(Duration::from_secs(18)).await;
+    cluster.start();
+    let back = std::time::Instant::now();
+    common::wait_for("writing to resume", 60, async || {
+        env.count_fresh("SELECT count(*) FROM recommendation").await == 3
+    })
+    .await;
+    let took = back.elapsed();
+    assert_nothing_routed(&agent, &env);
+    stop(agent).await;
+    assert!(
+        took < Duration::from_secs(4),
+        "resumed {took:?} after the database returned"
+    );
+}
