@@ -85,10 +85,12 @@ impl ConsumerContext for AgentContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             let tps = topic_partitions(tpl);
             // After the shutdown drain, the close-time revoke has nothing left to wait for.
-            let timeout = match self.shared.closing.load(Ordering::Acquire) {
-                true => Duration::ZERO,
-                false => self.shared.drain_timeout,
-            };
+            // A lost assignment belongs to its new owner already: nothing to wait for.
+            let timeout =
+                match self.shared.closing.load(Ordering::Acquire) || consumer.assignment_lost() {
+                    true => Duration::ZERO,
+                    false => self.shared.drain_timeout,
+                };
             let owners: Vec<Arc<Ownership>> = {
                 let tracker = self.shared.tracker.lock().expect("tracker lock");
                 tps.iter().filter_map(|tp| tracker.ownership(tp)).collect()

@@ -22,13 +22,9 @@ pub fn pool(args: &DatabaseArgs) -> anyhow::Result<Pool> {
         .database_url
         .parse()
         .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))?;
-    // A session whose client vanished mid-transaction (a half-open socket) would hold its
-    // locks until the server's own keepalive gives up, hours later: end it after a minute.
-    let mut options = String::from("-c idle_in_transaction_session_timeout=60s");
     if !args.database_schema.is_empty() {
-        options.push_str(&format!(" -c search_path={}", args.database_schema));
+        cfg.options(format!("-c search_path={}", args.database_schema));
     }
-    cfg.options(options);
     cfg.application_name("persistence-agent");
     cfg.connect_timeout(Duration::from_secs(5));
     // A half-open socket (a failover, a dropped route) would otherwise hang a worker for the

@@ -136,10 +136,14 @@ const FOLLOWER_COLUMNS: &str =
 /// The next step of releasing the key whose current head is the request at offset `head`.
 /// When no follower is left the key is released in the same transaction. A parked request is
 /// read back through `trust` like any consumed one: its stored headers carry no retry state.
+/// `settled_head`: the head itself was just settled (its own message, or a follower this
+/// release settled), so a queue entry of its own is obsolete; otherwise (the reaper) such an
+/// entry is a promoted head that may never have been forwarded, and is settled first.
 pub async fn next_follower(
     pool: &Pool,
     key: &ParkKey,
     head: i64,
+    settled_head: bool,
     trust: &Trust,
 ) -> Result<Next, Failure> {
     let mut c = pool.get().await.map_err(|e| Failure::from(&e))?;
@@ -169,13 +173,30 @@ pub async fn next_follower(
         tx.commit().await?;
         return Ok(promoted.map_or(Next::Done, |r| Next::Resume(follower(key, &r, trust))));
     }
-    // A promoted head's own queue entry, should its first release still be waiting for its
-    // confirmation: the head is settled, so it must not come back as its own follower.
-    tx.execute(
-        "DELETE FROM parked_message WHERE topic = $1 AND partition = $2 AND key = $3 AND source_offset = $4",
-        &[&key.topic, &key.partition, &key.key, &head],
-    )
-    .await?;
+    let own = [
+        &key.topic as &(dyn tokio_postgres::types::ToSql + Sync),
+        &key.partition,
+        &key.key,
+        &head,
+    ];
+    if settled_head {
+        // A promoted head's own queue entry, should its first release still be waiting for its
+        // confirmation: the head is settled, so it must not come back as its own follower.
+        tx.execute(
+            "DELETE FROM parked_message WHERE topic = $1 AND partition = $2 AND key = $3 AND source_offset = $4",
+            &own,
+        )
+        .await?;
+    } else {
+        let entry = format!(
+            "SELECT {FOLLOWER_COLUMNS} FROM parked_message
+             WHERE topic = $1 AND partition = $2 AND key = $3 AND source_offset = $4"
+        );
+        if let Some(row) = tx.query_opt(&entry, &own).await? {
+            tx.commit().await?;
+            return Ok(Next::Resume(follower(key, &row, trust)));
+        }
+    }
     let next = tx
         .query_opt(
             &format!(

@@ -241,7 +241,14 @@ impl Persister {
         }
         let client = guard.0.as_ref().expect("checked out");
         if outcome.is_err() && !client.is_closed() {
-            let _ = client.batch_execute("ROLLBACK").await;
+            // A server that froze after its error reply must not hold the worker either.
+            let rollback = client.batch_execute("ROLLBACK");
+            if !matches!(
+                tokio::time::timeout(CLIENT_DEADLINE_MARGIN, rollback).await,
+                Ok(Ok(()))
+            ) {
+                return outcome;
+            }
         }
         guard.release();
         outcome
@@ -267,8 +274,11 @@ impl Persister {
             .prepare_cached(CONFIRM_SQL)
             .await
             .map_err(|e| Failure::from(&e))?;
+        // A transaction whose client vanished (a half-open socket) would hold its share lock on
+        // the partition's owner row until the server's own keepalive gives up, hours later.
         let begin = format!(
-            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = {}",
+            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = {}; \
+             SET LOCAL idle_in_transaction_session_timeout = '60s'",
             timeout.as_millis().max(1)
         );
         let p = Params::new(req, request_id, source);

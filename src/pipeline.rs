@@ -117,7 +117,7 @@ impl Pipeline {
             Settled::Routed(r, Destination::DeadLetter { .. }, _) => r,
         };
         // A head's outcome is final: the requests parked behind it go next, before its commit.
-        if is_head && !self.release(&env).await {
+        if is_head && !self.release(&env, true).await {
             return Handled::Abandoned;
         }
         self.observe_latency(&env, &result);

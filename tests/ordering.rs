@@ -301,3 +301,41 @@ async fn the_reaper_releases_keys_whose_head_is_lost() {
         1
     );
 }
+
+/// The reaper meets a promoted head that was never forwarded (the agent stopped between
+/// promoting and forwarding it, and no tier copy exists): it settles that request first, then
+/// the rest, in order; nothing is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_settles_a_promoted_head_that_was_never_forwarded() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    env.pg
+        .execute(
+            "INSERT INTO parked_key (topic, partition, key, head_offset, parked_at)
+             VALUES ($1, 0, 'carol', 1, now() - interval '1 hour')",
+            &[&env.topic],
+        )
+        .await
+        .unwrap();
+    for (offset, id) in [(1i64, "c1"), (2, "c2")] {
+        let value = json(request("carol", Some(id), &[("b1", 0.5)]));
+        env.pg
+            .execute(
+                "INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values)
+                 VALUES ($1, 0, 'carol', $2, $3, '{}', '{}')",
+                &[&env.topic, &offset, &value],
+            )
+            .await
+            .unwrap();
+    }
+    let agent = env
+        .start(&["--parked-key-ttl=30m", "--reaper-interval=1s"])
+        .await;
+    common::wait_for("the key released", 30, async || {
+        env.count("SELECT count(*) FROM parked_key").await == 0
+    })
+    .await;
+    stop(agent).await;
+    assert_eq!(env.request_ids(None).await, ["c1", "c2"]);
+    assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
+}

@@ -34,8 +34,16 @@ impl Pipeline {
     /// this one is stale and about to hear of it (then the work stops), or a stale owner's
     /// claim landed late. After a pause, claim it again (false: revoked or shutdown meanwhile).
     pub(super) async fn fenced(&self, env: &Envelope, generation: i64) -> bool {
+        tracing::info!(topic = %env.topic, partition = env.partition, offset = env.offset, generation, "fenced: another owner claimed the partition");
+        // A partition being revoked (or lost) is the new owner's: never claimed back.
+        if !env.owner.may_start() {
+            return false;
+        }
+        if *env.owner.generation.lock().await != Some(generation) {
+            return true; // another worker of this assignment claimed it again already
+        }
         let mut delay = MAX_PROBE_INTERVAL;
-        if env.owner.is_revoked() || !self.hold(&mut delay).await || env.owner.is_revoked() {
+        if !self.hold(&mut delay).await || !env.owner.may_start() {
             return false;
         }
         let mut current = env.owner.generation.lock().await;

@@ -90,15 +90,18 @@ impl Pipeline {
     /// Settles the requests parked behind `head` in arrival order, until one goes to a retry
     /// tier (it becomes the new head) or none are left (the key is released). False when
     /// shutdown interrupted it: the head must not be committed, so its redelivery resumes.
-    pub(super) async fn release(&self, head: &Envelope) -> bool {
+    /// `settled`: `head` is the message just settled (false for the reaper, which releases a
+    /// head it never saw).
+    pub(super) async fn release(&self, head: &Envelope, settled: bool) -> bool {
         let Some(key) = park::ParkKey::of(head).filter(|_| self.order_by_key) else {
             return true;
         };
         let pool = self.persister.pool();
         let mut head_offset = head.origin.offset;
+        let mut head_settled = settled;
         loop {
             let next = self.db(head, "release", || {
-                park::next_follower(pool, &key, head_offset, &self.trust)
+                park::next_follower(pool, &key, head_offset, head_settled, &self.trust)
             });
             let (mut follower, resumed) = match next.await {
                 None => return false,
@@ -148,6 +151,7 @@ impl Pipeline {
             // key now: the release goes on in its name.
             if resumed || headed {
                 head_offset = env.origin.offset;
+                head_settled = true;
             }
         }
     }
@@ -222,7 +226,7 @@ impl Pipeline {
                 None,
                 &self.trust,
             );
-            if !self.release(&env).await {
+            if !self.release(&env, false).await {
                 break;
             }
             self.metrics.parked_keys_reaped.inc();
