@@ -74,7 +74,8 @@ impl Agent {
         }
         let tasks = plans.len() * args.workers.max(1);
         if tasks > args.db.database_pool_size {
-            tracing::warn!(
+            // Not a warning: the defaults (two consumers of 16 workers, 16 connections) do it.
+            tracing::info!(
                 workers = tasks,
                 pool = args.db.database_pool_size,
                 "more workers than pooled connections: workers wait for a connection (not an \

@@ -292,19 +292,19 @@ impl Persister {
             let Some(row) = rows.first() else {
                 return Err(Failure::unexpected("persist statement returned no row"));
             };
-            if row.get::<_, i32>(2) < 0 {
+            // Nothing written: another owner has the partition, or the key is parked.
+            let nothing = match row.get::<_, i32>(2) < 0 {
+                true => Some(Written::Fenced),
+                false => row
+                    .get::<_, Option<String>>(0)
+                    .is_none()
+                    .then_some(Written::Blocked),
+            };
+            if let Some(written) = nothing {
                 client.batch_execute("COMMIT").await?;
                 return Ok(Persisted {
                     result: bare_result(request_id),
-                    written: Written::Fenced,
-                    attempts: 0,
-                });
-            }
-            if row.get::<_, Option<String>>(0).is_none() {
-                client.batch_execute("COMMIT").await?;
-                return Ok(Persisted {
-                    result: bare_result(request_id),
-                    written: Written::Blocked,
+                    written,
                     attempts: 0,
                 });
             }

@@ -11,13 +11,16 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 const ARGS: &[&str] = &["--retry-delays=1h", "--create-retry-topics=false"];
 
-async fn env_on(cluster: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> Env {
+type Cluster = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+/// An environment on the mock cluster, with one request `r1` of user `u1` for `book`.
+async fn env_on(cluster: &Cluster, book: &str) -> Env {
     let env = Env::without_topics(common::database_url(), cluster.bootstrap_servers()).await;
     for t in [&env.topic, &env.results, &env.dlq(), &env.tier_topic("1h")] {
         cluster.create_topic(t, 1, 1).unwrap();
     }
     env.books(&["b1"]).await;
-    env.produce("u1", &json(request("u1", Some("r1"), &[("b1", 0.5)])))
+    env.produce("u1", &json(request("u1", Some("r1"), &[(book, 0.5)])))
         .await;
     env
 }
@@ -25,7 +28,7 @@ async fn env_on(cluster: &MockCluster<'static, rdkafka::producer::DefaultProduce
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_result_delivery_holds_the_offset_and_is_sent_again() {
     let cluster = MockCluster::new(1).unwrap();
-    let env = env_on(&cluster).await;
+    let env = env_on(&cluster, "b1").await;
     // The next three produce requests (all the results producer's) are refused for good.
     cluster.request_errors(
         RDKafkaApiKey::Produce,
@@ -47,7 +50,7 @@ async fn a_failed_result_delivery_holds_the_offset_and_is_sent_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_results_producer_stops_the_agent_with_nothing_committed() {
     let cluster = MockCluster::new(1).unwrap();
-    let env = env_on(&cluster).await;
+    let env = env_on(&cluster, "b1").await;
     // An idempotent producer cannot recover from a broken sequence: librdkafka's fatal error.
     cluster.request_errors(
         RDKafkaApiKey::Produce,
@@ -71,16 +74,8 @@ async fn a_fatal_results_producer_stops_the_agent_with_nothing_committed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fatal_forwarding_producer_stops_the_agent_with_nothing_committed() {
     let cluster = MockCluster::new(1).unwrap();
-    let env = Env::without_topics(common::database_url(), cluster.bootstrap_servers()).await;
-    for t in [&env.topic, &env.results, &env.dlq(), &env.tier_topic("1h")] {
-        cluster.create_topic(t, 1, 1).unwrap();
-    }
     // An unknown book: the request goes to a retry tier, and that forward fails fatally.
-    env.produce(
-        "u1",
-        &json(request("u1", Some("r1"), &[("b-unknown", 0.5)])),
-    )
-    .await;
+    let env = env_on(&cluster, "b-unknown").await;
     cluster.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 5],

@@ -19,15 +19,7 @@ async fn work_outliving_a_revoke_never_confirms_or_forwards() {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
     // Each transaction takes 300 ms, so every revoke finds one in flight.
-    env.pg
-        .batch_execute(
-            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
-               $$ BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$;
-             CREATE TRIGGER slow BEFORE INSERT ON processed_request
-               FOR EACH ROW EXECUTE FUNCTION slow();",
-        )
-        .await
-        .unwrap();
+    env.slow_transactions(0.3).await;
     let args = ["--shutdown-timeout=0s", "--retry-delays=1h", "--role=main"];
     let mut agents = Vec::new();
     for _ in 0..3 {

@@ -18,15 +18,7 @@ async fn rebalances_under_load_write_each_request_once() {
     let env = Env::new(6).await;
     env.books(&["b1"]).await;
     // Each transaction takes 50 ms, so a revoke always finds some in flight.
-    env.pg
-        .batch_execute(
-            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
-               $$ BEGIN PERFORM pg_sleep(0.05); RETURN NEW; END $$;
-             CREATE TRIGGER slow BEFORE INSERT ON processed_request
-               FOR EACH ROW EXECUTE FUNCTION slow();",
-        )
-        .await
-        .unwrap();
+    env.slow_transactions(0.05).await;
     let args = [
         "--rebalance-drain-timeout=0s",
         "--retry-delays=1h",

@@ -186,6 +186,19 @@ impl Env {
         }
     }
 
+    /// Makes every persist transaction take `seconds` longer (a trigger on the ledger insert).
+    pub async fn slow_transactions(&self, seconds: f64) {
+        self.pg
+            .batch_execute(&format!(
+                "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
+                   $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$;
+                 CREATE TRIGGER slow BEFORE INSERT ON processed_request
+                   FOR EACH ROW EXECUTE FUNCTION slow();"
+            ))
+            .await
+            .unwrap();
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         self.pg.query_one(sql, &[]).await.unwrap().get(0)
     }
