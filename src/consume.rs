@@ -33,8 +33,8 @@ pub struct Job {
     pub owner: Arc<Ownership>,
 }
 
-/// How long a revoke waits, after the drain, for side effects already under way (a record
-/// being enqueued, a parking statement) before it lets the partition go.
+/// How long a revoke waits, after the drain, for work that already acted (and so holds its
+/// partition until its completion is reported) before it lets the partition go.
 const REVOKE_WAIT: Duration = Duration::from_secs(2);
 
 /// State shared by the poll loop and the rebalance callbacks (both run on the poll thread).

@@ -134,7 +134,7 @@ impl Envelope {
             attempt: 0,
             first_failure: None,
             clamped: Vec::new(),
-            owner: Arc::new(Ownership::detached()),
+            owner: Ownership::detached(),
             hold: Hold::default(),
         };
         if !trust.input_topics.contains(&env.topic) {

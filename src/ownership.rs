@@ -61,9 +61,12 @@ impl Hold {
 }
 
 impl Ownership {
-    /// An ownership of a message not consumed from a partition (tools, tests): never revoked.
-    pub fn detached() -> Ownership {
-        Ownership::default()
+    /// The ownership of work not consumed from a partition (the reaper, tools, tests): never
+    /// revoked. Shared, so building an envelope allocates none.
+    pub fn detached() -> Arc<Ownership> {
+        static DETACHED: std::sync::LazyLock<Arc<Ownership>> =
+            std::sync::LazyLock::new(Arc::default);
+        DETACHED.clone()
     }
 
     pub fn of(topic: &str, partition: i32) -> Ownership {
@@ -93,20 +96,14 @@ impl Ownership {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// The revoke is decided: no side effect starts from now on, and those under way get up to
-    /// `wait` to finish. Runs on the poll thread (blocking). Returns whether all finished.
-    pub fn revoke(&self, wait: Duration) -> bool {
-        self.close();
-        self.wait_idle(Instant::now() + wait)
-    }
-
     /// Marks the assignment revoked: no side effect starts from now on.
     pub fn close(&self) {
         self.draining.store(true, Ordering::Release);
         self.revoked.store(true, Ordering::Release);
     }
 
-    /// Waits until no work holds the assignment, or `deadline`; whether it got there.
+    /// Waits until no work holds the assignment, or `deadline`; whether it got there. Runs on
+    /// the poll thread (blocking).
     pub fn wait_idle(&self, deadline: Instant) -> bool {
         loop {
             if self.gate.try_write().is_ok() {
@@ -135,7 +132,8 @@ mod tests {
             o.guard().await.is_some(),
             "running work may finish during the drain"
         );
-        assert!(o.revoke(Duration::ZERO));
+        o.close();
+        assert!(o.wait_idle(Instant::now()));
         assert!(o.guard().await.is_none());
     }
 
@@ -144,9 +142,11 @@ mod tests {
         let o = std::sync::Arc::new(Ownership::default());
         let g = o.guard().await.unwrap();
         let o2 = o.clone();
-        let revoke = tokio::task::spawn_blocking(move || o2.revoke(Duration::from_millis(50)));
+        o.close();
+        let wait = Duration::from_millis(50);
+        let revoke = tokio::task::spawn_blocking(move || o2.wait_idle(Instant::now() + wait));
         assert!(!revoke.await.unwrap(), "held past the wait");
         drop(g);
-        assert!(o.revoke(Duration::from_millis(50)));
+        assert!(o.wait_idle(Instant::now() + wait));
     }
 }

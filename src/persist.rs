@@ -29,8 +29,11 @@ pub struct Source {
     pub order_key: Option<Vec<u8>>,
     /// The consumed partition and this owner's generation: the transaction writes nothing once
     /// another owner claimed a later one (`fenced`). None skips that check.
-    pub fence: Option<(String, i32, i64)>,
+    pub fence: Option<Fence>,
 }
+
+/// A consumed partition (topic, partition) and its owner's generation.
+pub type Fence = (String, i32, i64);
 
 /// What the transaction did with the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,8 +200,6 @@ impl Persister {
         timeout: Duration,
     ) -> Result<Persisted, Failure> {
         let started = Instant::now();
-        // The server's statement timeout cannot fire on a connection that no longer answers:
-        // a client-side deadline over both round trips (the connection is then discarded).
         let result = self
             .transaction(req, request_id, source, timeout, started)
             .await;
@@ -227,117 +228,106 @@ impl Persister {
         started: Instant,
     ) -> Result<Persisted, Failure> {
         let mut guard = Checkout(Some(self.pool.get().await.map_err(|e| Failure::from(&e))?));
-        // Counted from the checkout: a wait for a busy pool is not a hung connection.
-        let deadline = timeout * 2 + CLIENT_DEADLINE_MARGIN;
-        let outcome = tokio::time::timeout(
-            deadline,
-            Self::statements(&guard, req, request_id, source, timeout, started),
-        )
-        .await
-        .unwrap_or_else(|_| Err(Failure::hung(deadline)));
-        // A hung connection is dropped with the guard (discarded, not pooled), unasked.
-        if matches!(&outcome, Err(f) if f.code == "client_deadline") {
-            return outcome;
-        }
         let client = guard.0.as_ref().expect("checked out");
+        let p = Params::new(req, request_id, source);
+        // The server's statement timeout cannot fire on a connection that no longer answers:
+        // a client-side deadline over both round trips, counted from the checkout (a wait for
+        // a busy pool is not a hung connection).
+        let deadline = timeout * 2 + CLIENT_DEADLINE_MARGIN;
+        let outcome =
+            match tokio::time::timeout(deadline, statements(client, &p, timeout, started)).await {
+                // A hung connection is dropped with the guard (discarded, not pooled), unasked.
+                Err(_) => return Err(Failure::hung(deadline)),
+                Ok(outcome) => outcome,
+            };
         if outcome.is_err() && !client.is_closed() {
             // A server that froze after its error reply must not hold the worker either.
-            let rollback = client.batch_execute("ROLLBACK");
-            if !matches!(
-                tokio::time::timeout(CLIENT_DEADLINE_MARGIN, rollback).await,
-                Ok(Ok(()))
-            ) {
+            let rollback =
+                tokio::time::timeout(CLIENT_DEADLINE_MARGIN, client.batch_execute("ROLLBACK"));
+            if !matches!(rollback.await, Ok(Ok(()))) {
                 return outcome;
             }
         }
         guard.release();
         outcome
     }
+}
 
-    /// The statements of one attempt on a checked-out connection (BEGIN to COMMIT).
-    async fn statements(
-        guard: &Checkout,
-        req: &PersistenceRequest,
-        request_id: &str,
-        source: &Source,
-        timeout: Duration,
-        started: Instant,
-    ) -> Result<Persisted, Failure> {
-        let client = guard.0.as_ref().expect("checked out");
-        let stmt = client
-            .prepare_cached(PERSIST_SQL)
-            .await
-            .map_err(|e| Failure::from(&e))?;
-        // Prepared up front: an unprepared UPDATE would be parsed first and executed only after
-        // the pipelined COMMIT, outside the transaction.
-        let confirm = client
-            .prepare_cached(CONFIRM_SQL)
-            .await
-            .map_err(|e| Failure::from(&e))?;
-        // A transaction whose client vanished (a half-open socket) would hold its share lock on
-        // the partition's owner row until the server's own keepalive gives up, hours later.
-        let begin = format!(
-            "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = {}; \
+/// The statements of one attempt on a checked-out connection, BEGIN to COMMIT.
+async fn statements(
+    client: &deadpool_postgres::Object,
+    p: &Params<'_>,
+    timeout: Duration,
+    started: Instant,
+) -> Result<Persisted, Failure> {
+    let (req, request_id) = (p.req, p.request_id);
+    let stmt = client
+        .prepare_cached(PERSIST_SQL)
+        .await
+        .map_err(|e| Failure::from(&e))?;
+    // Prepared up front: an unprepared UPDATE would be parsed first and executed only after
+    // the pipelined COMMIT, outside the transaction.
+    let confirm = client
+        .prepare_cached(CONFIRM_SQL)
+        .await
+        .map_err(|e| Failure::from(&e))?;
+    // A transaction whose client vanished (a half-open socket) would hold its share lock on
+    // the partition's owner row until the server's own keepalive gives up, hours later.
+    let begin = format!(
+        "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = {}; \
              SET LOCAL idle_in_transaction_session_timeout = '60s'",
-            timeout.as_millis().max(1)
-        );
-        let p = Params::new(req, request_id, source);
-        // Polled together, tokio-postgres sends both before reading either reply: one round trip.
-        let refs = p.as_refs();
-        let (began, rows) = tokio::join!(client.batch_execute(&begin), client.query(&stmt, &refs));
-        let outcome: Result<Persisted, Failure> = async {
-            began?;
-            let rows = rows?;
-            // One row always: the new recommendation, or the ledger's record of the duplicate.
-            let Some(row) = rows.first() else {
-                return Err(Failure::unexpected("persist statement returned no row"));
-            };
-            // Nothing written: another owner has the partition, or the key is parked.
-            let nothing = match row.get::<_, i32>(2) < 0 {
-                true => Some(Written::Fenced),
-                false => row
-                    .get::<_, Option<String>>(0)
-                    .is_none()
-                    .then_some(Written::Blocked),
-            };
-            if let Some(written) = nothing {
-                client.batch_execute("COMMIT").await?;
-                return Ok(Persisted {
-                    result: bare_result(request_id),
-                    written,
-                    attempts: 0,
-                });
-            }
-            let result = match row.get::<_, Option<Json>>(5) {
-                Some(confirmation) => {
-                    client.batch_execute("COMMIT").await?;
-                    return Ok(Persisted {
-                        result: from_ledger(confirmation, request_id),
-                        written: Written::Duplicate,
-                        attempts: 0,
-                    });
-                }
-                None => confirmation(req, request_id, row, started),
-            };
-            let json = serde_json::to_value(&result).expect("results serialize");
-            let confirm_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-                [&request_id, &json];
-            let (confirmed, committed) = tokio::join!(
-                client.execute(&confirm, &confirm_params),
-                client.batch_execute("COMMIT")
-            );
-            // COMMIT of an aborted transaction "succeeds" as a rollback: check the update first.
-            confirmed?;
-            committed?;
-            Ok(Persisted {
-                result,
-                written: Written::New,
-                attempts: 0,
-            })
-        }
-        .await;
-        outcome
+        timeout.as_millis().max(1)
+    );
+    // Polled together, tokio-postgres sends both before reading either reply: one round trip.
+    let refs = p.as_refs();
+    let (began, rows) = tokio::join!(client.batch_execute(&begin), client.query(&stmt, &refs));
+    began?;
+    let rows = rows?;
+    // One row always: the new recommendation, or the ledger's record of the duplicate.
+    let Some(row) = rows.first() else {
+        return Err(Failure::unexpected("persist statement returned no row"));
+    };
+    // Nothing written: another owner has the partition, or the key is parked.
+    let nothing = match row.get::<_, i32>(2) < 0 {
+        true => Some(Written::Fenced),
+        false => row
+            .get::<_, Option<String>>(0)
+            .is_none()
+            .then_some(Written::Blocked),
+    };
+    if let Some(written) = nothing {
+        client.batch_execute("COMMIT").await?;
+        return Ok(Persisted {
+            result: bare_result(request_id),
+            written,
+            attempts: 0,
+        });
     }
+    let result = match row.get::<_, Option<Json>>(5) {
+        Some(confirmation) => {
+            client.batch_execute("COMMIT").await?;
+            return Ok(Persisted {
+                result: from_ledger(confirmation, request_id),
+                written: Written::Duplicate,
+                attempts: 0,
+            });
+        }
+        None => confirmation(req, request_id, row, started),
+    };
+    let json = serde_json::to_value(&result).expect("results serialize");
+    let confirm_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&request_id, &json];
+    let (confirmed, committed) = tokio::join!(
+        client.execute(&confirm, &confirm_params),
+        client.batch_execute("COMMIT")
+    );
+    // COMMIT of an aborted transaction "succeeds" as a rollback: check the update first.
+    confirmed?;
+    committed?;
+    Ok(Persisted {
+        result,
+        written: Written::New,
+        attempts: 0,
+    })
 }
 
 /// A pooled connection that goes back to the pool only when its transaction was finished: a

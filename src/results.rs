@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use apache_avro::Schema;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use tokio_util::sync::CancellationToken;
 
@@ -97,8 +97,8 @@ impl ResultPublisher {
     }
 }
 
-/// Hands one record to the producer, waiting out a full local queue. None when the producer
-/// refuses it outright (logged and counted).
+/// Hands one record to the producer, waiting out a full local queue; a refusal is the caller's
+/// to retry.
 async fn send(
     producer: &FutureProducer,
     topic: &str,
@@ -153,8 +153,7 @@ impl PendingResult {
                 tracing::error!(request_id = %self.request_id, %error, "result event refused for its size; not sent");
                 return true;
             }
-            if let Some((code, reason)) = self.producer.client().fatal_error() {
-                let why = format!("results producer failed fatally: {code:?}: {reason}");
+            if let Some(why) = crate::route::fatal_error(&self.producer, "results") {
                 tracing::error!(request_id = %self.request_id, error = %why, "stopping: nothing unfinished is committed");
                 let _ = fatal.set(why);
                 shutdown.cancel();

@@ -163,14 +163,9 @@ impl Router {
         }
     }
 
-    /// librdkafka's fatal error of the forwarding producer (a broken idempotent sequence,
-    /// fencing): it will refuse every record from now on.
+    /// librdkafka's fatal error of the forwarding producer, if it had one.
     pub fn fatal_error(&self) -> Option<String> {
-        use rdkafka::producer::Producer;
-        let (code, reason) = self.producer.client().fatal_error()?;
-        Some(format!(
-            "forwarding producer failed fatally: {code:?}: {reason}"
-        ))
+        fatal_error(&self.producer, "forwarding")
     }
 
     /// The next tier, or the dead-letter topic when the failure will not heal, the tiers are
@@ -296,6 +291,16 @@ pub fn is_too_large(e: &KafkaError) -> bool {
             MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge
         )
     )
+}
+
+/// librdkafka's fatal error of a producer (a broken idempotent sequence, fencing): it will
+/// refuse every record from now on. `which` names the producer in the message.
+pub fn fatal_error(producer: &FutureProducer, which: &str) -> Option<String> {
+    use rdkafka::producer::Producer;
+    let (code, reason) = producer.client().fatal_error()?;
+    Some(format!(
+        "{which} producer failed fatally: {code:?}: {reason}"
+    ))
 }
 
 /// Sends one record and waits for its acknowledgement, waiting out a full local queue.

@@ -47,23 +47,34 @@ async fn a_failed_result_delivery_holds_the_offset_and_is_sent_again() {
     assert_eq!(env.committed(0), Some(1));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fatal_results_producer_stops_the_agent_with_nothing_committed() {
-    let cluster = MockCluster::new(1).unwrap();
-    let env = env_on(&cluster, "b1").await;
-    // An idempotent producer cannot recover from a broken sequence: librdkafka's fatal error.
+/// An idempotent producer cannot recover from a broken sequence: librdkafka's fatal error.
+fn break_sequences(cluster: &Cluster) {
     cluster.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 5],
     );
-    let agent: Agent = env.start(ARGS).await;
-    env.wait_count("SELECT count(*) FROM processed_request", 1, 30)
-        .await;
+}
+
+/// Waits for the agent to stop by itself; returns the error it exited with.
+async fn fatal_exit(agent: Agent) -> String {
     let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), agent.wait())
         .await
         .expect("the agent stops by itself");
-    let err = stopped.expect_err("a fatal error is an error exit");
-    assert!(err.to_string().contains("fatal"), "{err}");
+    stopped
+        .expect_err("a fatal error is an error exit")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_results_producer_stops_the_agent_with_nothing_committed() {
+    let cluster = MockCluster::new(1).unwrap();
+    let env = env_on(&cluster, "b1").await;
+    break_sequences(&cluster);
+    let agent = env.start(ARGS).await;
+    env.wait_count("SELECT count(*) FROM processed_request", 1, 30)
+        .await;
+    let err = fatal_exit(agent).await;
+    assert!(err.contains("fatal"), "{err}");
     assert_eq!(
         env.committed(0),
         None,
@@ -76,16 +87,9 @@ async fn a_fatal_forwarding_producer_stops_the_agent_with_nothing_committed() {
     let cluster = MockCluster::new(1).unwrap();
     // An unknown book: the request goes to a retry tier, and that forward fails fatally.
     let env = env_on(&cluster, "b-unknown").await;
-    cluster.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 5],
-    );
-    let agent: Agent = env.start(ARGS).await;
-    let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), agent.wait())
-        .await
-        .expect("the agent stops by itself");
-    let err = stopped.expect_err("a fatal error is an error exit");
-    assert!(err.to_string().contains("forwarding producer"), "{err}");
+    break_sequences(&cluster);
+    let err = fatal_exit(env.start(ARGS).await).await;
+    assert!(err.contains("forwarding producer"), "{err}");
     assert_eq!(
         env.committed(0),
         None,

@@ -6,19 +6,38 @@ mod common;
 use common::{json, request, stop, Env};
 use persistence_agent::envelope::header;
 
+/// Writes `parked_key` as an earlier run would have left it: `key` of partition 0 held by the
+/// head at input offset `head` since `age` ago (a PostgreSQL interval).
+async fn park_key(env: &Env, key: &str, head: i64, age: &str) {
+    let sql = format!(
+        "INSERT INTO parked_key (topic, partition, key, head_offset, parked_at)
+         VALUES ($1, 0, $2, $3, now() - interval '{age}')"
+    );
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&env.topic, &key.as_bytes(), &head];
+    env.pg.execute(&sql, &params).await.unwrap();
+}
+
+/// A request `id` of user `key` (also its message key), parked at input offset `offset`.
+async fn park_request(env: &Env, key: &str, offset: i64, id: &str) {
+    let value = json(request(key, Some(id), &[("b1", 0.5)]));
+    env.pg
+        .execute(
+            "INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values)
+             VALUES ($1, 0, $2, $3, $4, '{}', '{}')",
+            &[&env.topic, &key.as_bytes(), &offset, &value],
+        )
+        .await
+        .unwrap();
+}
+
 /// The agent parked a request as its key's head, then stopped before its tier copy was
 /// acknowledged: the redelivered request is settled again, as the head, and releases the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_parked_before_a_crash_is_settled_on_redelivery() {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
-    env.pg
-        .execute(
-            "INSERT INTO parked_key (topic, partition, key, head_offset) VALUES ($1, 0, 'alice', 0)",
-            &[&env.topic],
-        )
-        .await
-        .unwrap();
+    park_key(&env, "alice", 0, "0").await;
     let agent = env.start(&["--retry-delays=1h"]).await;
     env.produce("alice", &json(request("alice", Some("a1"), &[("b1", 0.5)])))
         .await;
@@ -45,24 +64,9 @@ async fn a_follower_promoted_before_a_crash_is_resumed_by_the_release() {
     env.books(&["b1"]).await;
     // Head: input offset 0 (its tier copy is published below). Followers at offsets 1 and 2;
     // offset 1 was promoted to head but never forwarded.
-    env.pg
-        .execute(
-            "INSERT INTO parked_key (topic, partition, key, head_offset) VALUES ($1, 0, 'bob', 1)",
-            &[&env.topic],
-        )
-        .await
-        .unwrap();
-    for (offset, id) in [(1i64, "b-2"), (2, "b-3")] {
-        let value = json(request("bob", Some(id), &[("b1", 0.5)]));
-        env.pg
-            .execute(
-                "INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values)
-                 VALUES ($1, 0, 'bob', $2, $3, '{}', '{}')",
-                &[&env.topic, &offset, &value],
-            )
-            .await
-            .unwrap();
-    }
+    park_key(&env, "bob", 1, "0").await;
+    park_request(&env, "bob", 1, "b-2").await;
+    park_request(&env, "bob", 2, "b-3").await;
     let agent = env.start(&["--retry-delays=1s"]).await;
     let tier = env.tier_topic("1s");
     common::produce(
@@ -195,13 +199,7 @@ async fn a_parked_request_ignores_forged_retry_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_released_before_parking_still_holds_its_key() {
     let env = Env::new(1).await;
-    env.pg
-        .execute(
-            "INSERT INTO parked_key (topic, partition, key, head_offset) VALUES ($1, 0, 'alice', 999)",
-            &[&env.topic],
-        )
-        .await
-        .unwrap();
+    park_key(&env, "alice", 999, "0").await;
     let (locker, conn) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -257,26 +255,9 @@ async fn a_request_released_before_parking_still_holds_its_key() {
 async fn the_reaper_releases_keys_whose_head_is_lost() {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
-    for (key, age, offset, id) in [("alice", "1 hour", 1i64, "a2"), ("bob", "0", 3, "b2")] {
-        env.pg
-            .execute(
-                &format!(
-                    "INSERT INTO parked_key (topic, partition, key, head_offset, parked_at)
-                     VALUES ($1, 0, $2, $3, now() - interval '{age}')"
-                ),
-                &[&env.topic, &key.as_bytes(), &(offset - 1)],
-            )
-            .await
-            .unwrap();
-        let value = json(request(key, Some(id), &[("b1", 0.5)]));
-        env.pg
-            .execute(
-                "INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values)
-                 VALUES ($1, 0, $2, $3, $4, '{}', '{}')",
-                &[&env.topic, &key.as_bytes(), &offset, &value],
-            )
-            .await
-            .unwrap();
+    for (key, age, offset, id) in [("alice", "1 hour", 1, "a2"), ("bob", "0", 3, "b2")] {
+        park_key(&env, key, offset - 1, age).await;
+        park_request(&env, key, offset, id).await;
     }
     let agent = env
         .start(&["--parked-key-ttl=30m", "--reaper-interval=1s"])
@@ -309,25 +290,9 @@ async fn the_reaper_releases_keys_whose_head_is_lost() {
 async fn the_reaper_settles_a_promoted_head_that_was_never_forwarded() {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
-    env.pg
-        .execute(
-            "INSERT INTO parked_key (topic, partition, key, head_offset, parked_at)
-             VALUES ($1, 0, 'carol', 1, now() - interval '1 hour')",
-            &[&env.topic],
-        )
-        .await
-        .unwrap();
-    for (offset, id) in [(1i64, "c1"), (2, "c2")] {
-        let value = json(request("carol", Some(id), &[("b1", 0.5)]));
-        env.pg
-            .execute(
-                "INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values)
-                 VALUES ($1, 0, 'carol', $2, $3, '{}', '{}')",
-                &[&env.topic, &offset, &value],
-            )
-            .await
-            .unwrap();
-    }
+    park_key(&env, "carol", 1, "1 hour").await;
+    park_request(&env, "carol", 1, "c1").await;
+    park_request(&env, "carol", 2, "c2").await;
     let agent = env
         .start(&["--parked-key-ttl=30m", "--reaper-interval=1s"])
         .await;

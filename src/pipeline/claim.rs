@@ -1,17 +1,14 @@
 //! The database side of fencing: a new owner of a consumed partition claims the next
 //! generation before its first write, and every transaction carries its owner's generation.
 
-use super::{Pipeline, FIRST_HOLD, MAX_PROBE_INTERVAL};
+use super::{Pipeline, MAX_PROBE_INTERVAL};
 use crate::classify::Failure;
 use crate::envelope::Envelope;
-use crate::persist::CLAIM_SQL;
+use crate::persist::{Fence, CLAIM_SQL};
 
 /// An earlier owner's transaction holds its share lock for seconds at most; a connection of it
 /// that went half-open holds it until the server notices (`idle_in_transaction_session_timeout`).
 const CLAIM_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '10s'";
-
-/// The consumed partition and its owner's generation, as a transaction checks them.
-pub type Fence = (String, i32, i64);
 
 impl Pipeline {
     /// The consumed partition and this owner's generation, claimed on first use; None when the
@@ -57,37 +54,23 @@ impl Pipeline {
     /// Claims the next generation, waiting out the database like any write; Err(()) when the
     /// partition is revoked (or shutdown begins) first, or while the claim was under way.
     async fn claim(&self, env: &Envelope, topic: &str, partition: i32) -> Result<i64, ()> {
-        let mut delay = FIRST_HOLD;
-        loop {
-            if env.owner.is_revoked() || self.shutdown.is_cancelled() {
-                return Err(());
-            }
-            let claimed = async {
-                let pool = self.persister.pool();
-                let mut c = pool.get().await.map_err(|e| Failure::from(&e))?;
-                let tx = c.transaction().await?;
-                tx.batch_execute(CLAIM_LOCK_TIMEOUT).await?;
-                let row = tx.query_one(CLAIM_SQL, &[&topic, &partition]).await?;
-                tx.commit().await?;
-                Ok::<i64, Failure>(row.get(0))
-            };
-            let f = match claimed.await {
-                // A claim landing after the revoke must not count as this owner's.
-                Ok(_) if env.owner.is_revoked() => return Err(()),
-                Ok(generation) => {
-                    tracing::debug!(topic, partition, generation, "partition claimed");
-                    return Ok(generation);
-                }
-                Err(f) => f,
-            };
-            tracing::warn!(topic, partition, class = f.class, error = %f.message, "cannot claim the partition; retrying");
-            let waited = match f.waits_for_database() {
-                true => self.wait_for_database().await,
-                false => self.hold(&mut delay).await,
-            };
-            if !waited {
-                return Err(());
-            }
+        let pool = self.persister.pool();
+        let claimed = || async move {
+            let mut c = pool.get().await.map_err(|e| Failure::from(&e))?;
+            let tx = c.transaction().await?;
+            tx.batch_execute(CLAIM_LOCK_TIMEOUT).await?;
+            let row = tx.query_one(CLAIM_SQL, &[&topic, &partition]).await?;
+            tx.commit().await?;
+            Ok::<i64, Failure>(row.get(0))
+        };
+        let may_go_on =
+            || std::future::ready(!env.owner.is_revoked() && !self.shutdown.is_cancelled());
+        let generation = self.retry_db("claim", may_go_on, claimed).await.ok_or(())?;
+        // A claim landing after the revoke must not count as this owner's.
+        if env.owner.is_revoked() {
+            return Err(());
         }
+        tracing::debug!(topic, partition, generation, "partition claimed");
+        Ok(generation)
     }
 }

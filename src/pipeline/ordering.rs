@@ -32,18 +32,34 @@ pub(super) enum Order<'a> {
 }
 
 impl Pipeline {
-    /// Runs a database step of the parking protocol until it succeeds; None at shutdown or on a
+    /// Runs a step of the parking protocol while `env`'s work may act: parked state is never
+    /// changed by work that outlived its partition's revoke. None then, at shutdown or on a
     /// fatal error.
-    /// Runs only while `env`'s work may act: parked state is never changed by work that
-    /// outlived its partition's revoke (None then too).
-    pub(super) async fn db<T, F, Fut>(&self, env: &Envelope, what: &str, mut op: F) -> Option<T>
+    pub(super) async fn db<T, F, Fut>(&self, env: &Envelope, what: &str, op: F) -> Option<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
+        self.retry_db(what, || env.act(), op).await
+    }
+
+    /// Runs a database step until it succeeds, waiting out an outage like any write; None at
+    /// shutdown, on a fatal error, or once `may_go_on` says the work may no longer go on.
+    pub(super) async fn retry_db<T, F, Fut, G, GFut>(
+        &self,
+        what: &str,
+        mut may_go_on: G,
+        mut op: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+        G: FnMut() -> GFut,
+        GFut: Future<Output = bool>,
+    {
         let mut delay = FIRST_HOLD;
         loop {
-            if !env.act().await {
+            if !may_go_on().await {
                 return None;
             }
             let f = match op().await {
@@ -54,7 +70,7 @@ impl Pipeline {
                 self.stop_fatal(&f);
                 return None;
             }
-            tracing::warn!(step = what, class = f.class, code = %f.code, error = %f.message, "parking step failed; retrying");
+            tracing::warn!(step = what, class = f.class, code = %f.code, error = %f.message, "database step failed; retrying");
             let waited = match f.waits_for_database() {
                 true => self.wait_for_database().await,
                 false => self.hold(&mut delay).await,
