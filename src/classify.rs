@@ -4,7 +4,7 @@
 use tokio_postgres::error::SqlState;
 
 use crate::decode::DecodeError;
-use crate::model::ValidationError;
+use crate::message::model::ValidationError;
 
 /// What the pipeline does with a failed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +40,8 @@ pub mod class {
     pub const REGISTRY: &str = "schema_registry_unavailable";
     pub const DEPLOYMENT: &str = "deployment_error";
     pub const DATABASE: &str = "database_error";
+    /// A broken invariant of the agent itself (a panic, a stopped worker): fatal.
+    pub const INTERNAL: &str = "internal_error";
 }
 
 /// A classified failure: everything the pipeline, result event and metrics need.
@@ -99,6 +101,11 @@ impl Failure {
             message,
             Disposition::RetryInProcess,
         )
+    }
+
+    /// The agent itself broke (a panic, a stopped worker): stop rather than go on without it.
+    pub fn internal(code: &'static str, message: String) -> Self {
+        Self::new(class::INTERNAL, code, message, Disposition::Fatal)
     }
 
     /// A Kafka producer that can no longer produce anything.

@@ -1,28 +1,18 @@
-//! persistence-agent: the one durable writer of persistence requests. Stages follow the data:
-//! consume → decode → persist → route (result events) → commit; `pipeline` decides outcomes.
+//! persistence-agent: the one durable writer of persistence requests. The folders follow the
+//! data (see ARCHITECTURE.md): `kafka` consumes and commits, `decode`, `persist` and `route`
+//! are the stages, `pipeline` alone decides each message's outcome, `ops` is configuration,
+//! metrics and events, `app` wires it all, and `tools` are the operator commands.
 
-pub mod agent;
+pub mod app;
 pub mod classify;
-pub mod config;
-pub mod consume;
-pub mod db;
 pub mod decode;
-pub mod dlq;
-pub mod due;
-pub mod envelope;
-pub mod http;
-pub mod metrics;
-pub mod model;
-pub mod offsets;
-pub mod ownership;
-pub mod park;
+pub mod kafka;
+pub mod message;
+pub mod ops;
 pub mod persist;
 pub mod pipeline;
-pub mod produce;
-pub mod results;
 pub mod route;
-pub mod schemas;
-pub mod topics;
+pub mod tools;
 
 /// Version and commit, as written in the `pa.agent-version` header.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("GIT_SHA"));

@@ -1,9 +1,16 @@
+//! The persistence-agent binary: the command line (run, migrate, produce, dlq, health,
+//! topics) over the library.
+
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use persistence_agent::agent::Agent;
-use persistence_agent::config::{DatabaseArgs, KafkaArgs, LogFormat, RunArgs};
-use persistence_agent::{db, dlq, http, metrics::Metrics, produce, topics};
+use persistence_agent::app::agent::Agent;
+use persistence_agent::app::http;
+use persistence_agent::kafka::topics;
+use persistence_agent::ops::config::{DatabaseArgs, KafkaArgs, LogFormat, RunArgs};
+use persistence_agent::ops::metrics::Metrics;
+use persistence_agent::persist::db;
+use persistence_agent::tools::{dlq, produce};
 use tracing_subscriber::EnvFilter;
 
 /// Consumes persistence requests from Kafka and writes each to PostgreSQL in one serializable

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{json, request, Env};
-use persistence_agent::agent::Agent;
+use persistence_agent::app::agent::Agent;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 

@@ -103,7 +103,7 @@ async fn a_transaction_under_an_older_generation_writes_nothing() {
         .await;
     let fenced = agent
         .metrics
-        .attempt_count(persistence_agent::metrics::attempt::FENCED);
+        .attempt_count(persistence_agent::ops::metrics::attempt::FENCED);
     stop(agent).await;
     assert!(fenced >= 1, "r1's first transaction was fenced");
     assert_eq!(env.request_ids(None).await, ["r0", "r1"]);

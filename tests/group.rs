@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{json, request, stop, Env};
-use persistence_agent::metrics::outcome;
+use persistence_agent::ops::metrics::outcome;
 
 const REQUESTS: usize = 240;
 

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{hostile, json, request, stop, Env};
-use persistence_agent::envelope::header;
+use persistence_agent::message::headers;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -32,7 +32,7 @@ async fn dead_letters_every_hostile_kind_and_keeps_the_partition_flowing() {
     )
     .await;
     let dlq = env.records(&env.dlq(), kinds.len(), 60);
-    let fatal = agent.pipeline.fatal.get().cloned();
+    let fatal = agent.life.fatal().map(str::to_string);
     stop(agent).await;
     assert_eq!(fatal, None, "the agent did not stop on any of them");
     assert_eq!(dlq.len(), kinds.len(), "one dead letter each");
@@ -42,8 +42,8 @@ async fn dead_letters_every_hostile_kind_and_keeps_the_partition_flowing() {
             .iter()
             .find(|r| r.key.as_deref() == Some(key.as_str()))
             .unwrap_or_else(|| panic!("{name}: no dead letter"));
-        assert_eq!(d.header(header::ERROR_CLASS), *class, "{name}");
-        assert_eq!(d.header(header::ERROR_CODE), *code, "{name}");
+        assert_eq!(d.header(headers::ERROR_CLASS), *class, "{name}");
+        assert_eq!(d.header(headers::ERROR_CODE), *code, "{name}");
     }
     let stored: String = env
         .pg
@@ -72,13 +72,13 @@ async fn retry_headers_out_of_bounds_neither_crash_nor_hold_the_tier() {
         .create()
         .unwrap();
     let hostile_headers = [
-        (header::DUE, "9999-12-31T23:59:59.999Z"),
-        (header::FIRST_FAILURE, "9999-01-01T00:00:00Z"),
-        (header::ATTEMPT, "4294967295"),
-        (header::ORIGINAL_TOPIC, env.topic.as_str()),
-        (header::ORIGINAL_PARTITION, "-7"),
-        (header::ORIGINAL_OFFSET, "99999999999999999999"),
-        (header::ORIGINAL_TIMESTAMP, "-262143-01-01T00:00:00Z"),
+        (headers::DUE, "9999-12-31T23:59:59.999Z"),
+        (headers::FIRST_FAILURE, "9999-01-01T00:00:00Z"),
+        (headers::ATTEMPT, "4294967295"),
+        (headers::ORIGINAL_TOPIC, env.topic.as_str()),
+        (headers::ORIGINAL_PARTITION, "-7"),
+        (headers::ORIGINAL_OFFSET, "99999999999999999999"),
+        (headers::ORIGINAL_TIMESTAMP, "-262143-01-01T00:00:00Z"),
     ];
     // The latest millisecond chrono can represent: adding any delay to it overflows.
     let far_future = chrono::DateTime::<chrono::Utc>::MAX_UTC.timestamp_millis();
@@ -110,14 +110,14 @@ async fn retry_headers_out_of_bounds_neither_crash_nor_hold_the_tier() {
     }
     env.wait_count("SELECT count(*) FROM processed_request", 2, 30)
         .await;
-    let fatal = agent.pipeline.fatal.get().cloned();
+    let fatal = agent.life.fatal().map(str::to_string);
     let metrics = agent.metrics.clone();
     stop(agent).await;
     assert_eq!(fatal, None);
     let clamped = |h: &str| metrics.headers_clamped.with_label_values(&[h]).get();
-    assert!(clamped(header::DUE) >= 1, "the due time was clamped");
-    assert!(clamped(header::ATTEMPT) >= 1);
-    assert!(clamped(header::FIRST_FAILURE) >= 1);
+    assert!(clamped(headers::DUE) >= 1, "the due time was clamped");
+    assert!(clamped(headers::ATTEMPT) >= 1);
+    assert!(clamped(headers::FIRST_FAILURE) >= 1);
     let sources: Vec<(String, i32)> = env
         .pg
         .query(

@@ -10,9 +10,9 @@ use std::cell::Cell;
 
 use common::hostile;
 use persistence_agent::classify::Failure;
+use persistence_agent::decode::schemas::SchemaRegistry;
 use persistence_agent::decode::Decoder;
-use persistence_agent::produce::WireFormat;
-use persistence_agent::schemas::SchemaRegistry;
+use persistence_agent::tools::produce::WireFormat;
 use proptest::prelude::*;
 
 /// Counts this thread's live and peak heap bytes, so each case measures only its own decoding.

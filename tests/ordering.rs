@@ -4,7 +4,7 @@
 mod common;
 
 use common::{json, request, stop, Env};
-use persistence_agent::envelope::header;
+use persistence_agent::message::headers;
 
 /// Writes `parked_key` as an earlier run would have left it: `key` of partition 0 held by the
 /// head at input offset `head` since `age` ago (a PostgreSQL interval).
@@ -75,12 +75,12 @@ async fn a_follower_promoted_before_a_crash_is_resumed_by_the_release() {
         Some("bob"),
         &json(request("bob", Some("b-1"), &[("b1", 0.5)])),
         &[
-            (header::ORIGINAL_TOPIC, env.topic.as_str()),
-            (header::ORIGINAL_PARTITION, "0"),
-            (header::ORIGINAL_OFFSET, "0"),
-            (header::ATTEMPT, "1"),
-            (header::FIRST_FAILURE, "2026-01-01T00:00:00.000Z"),
-            (header::DUE, "2026-01-01T00:00:01.000Z"),
+            (headers::ORIGINAL_TOPIC, env.topic.as_str()),
+            (headers::ORIGINAL_PARTITION, "0"),
+            (headers::ORIGINAL_OFFSET, "0"),
+            (headers::ATTEMPT, "1"),
+            (headers::FIRST_FAILURE, "2026-01-01T00:00:00.000Z"),
+            (headers::DUE, "2026-01-01T00:00:01.000Z"),
         ],
     )
     .await;
@@ -118,7 +118,7 @@ async fn a_head_its_tier_refuses_releases_its_key() {
     stop(agent).await;
     assert_eq!(env.request_ids(None).await, ["a2"]);
     assert_eq!(dlq.len(), 1);
-    assert_eq!(dlq[0].header(header::ERROR_CLASS), "foreign_key_violation");
+    assert_eq!(dlq[0].header(headers::ERROR_CLASS), "foreign_key_violation");
     assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
     assert_eq!(env.committed(0), Some(2));
@@ -149,7 +149,7 @@ async fn a_promoted_follower_its_tier_refuses_hands_the_key_on() {
     stop(agent).await;
     assert_eq!(env.request_ids(None).await, ["a1", "a3"]);
     assert_eq!(dlq.len(), 1, "a2 dead-lettered");
-    assert_eq!(dlq[0].header(header::ORIGINAL_OFFSET), "1");
+    assert_eq!(dlq[0].header(headers::ORIGINAL_OFFSET), "1");
     assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
 }
@@ -172,11 +172,11 @@ async fn a_parked_request_ignores_forged_retry_headers() {
         Some("alice"),
         &json(request("alice", Some("a2"), &[("b-never", 0.5)])),
         &[
-            (header::ATTEMPT, "99"),
-            (header::FIRST_FAILURE, "2000-01-01T00:00:00.000Z"),
-            (header::ORIGINAL_TOPIC, env.topic.as_str()),
-            (header::ORIGINAL_PARTITION, "0"),
-            (header::ORIGINAL_OFFSET, "0"),
+            (headers::ATTEMPT, "99"),
+            (headers::FIRST_FAILURE, "2000-01-01T00:00:00.000Z"),
+            (headers::ORIGINAL_TOPIC, env.topic.as_str()),
+            (headers::ORIGINAL_PARTITION, "0"),
+            (headers::ORIGINAL_OFFSET, "0"),
         ],
     )
     .await;
@@ -187,10 +187,10 @@ async fn a_parked_request_ignores_forged_retry_headers() {
     stop(agent).await;
     let a2 = copies
         .iter()
-        .find(|r| r.header(header::ORIGINAL_OFFSET) == "1")
+        .find(|r| r.header(headers::ORIGINAL_OFFSET) == "1")
         .expect("a2 went to the retry tier as a fresh request, not straight to the dead letters");
-    assert_eq!(a2.header(header::ATTEMPT), "1");
-    assert!(!a2.header(header::FIRST_FAILURE).starts_with("2000"));
+    assert_eq!(a2.header(headers::ATTEMPT), "1");
+    assert!(!a2.header(headers::FIRST_FAILURE).starts_with("2000"));
 }
 
 /// The transaction saw the key parked, and by the time the parking step ran it was released:

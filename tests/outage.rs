@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{json, request, stop, wait_for, Env};
-use persistence_agent::agent::Agent;
-use persistence_agent::metrics::outcome;
+use persistence_agent::app::agent::Agent;
+use persistence_agent::ops::metrics::outcome;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -171,7 +171,7 @@ async fn a_connection_that_stops_answering_is_an_outage() {
         "--workers=1",
     ]);
     args.db.database_url = proxied;
-    let metrics = Arc::new(persistence_agent::metrics::Metrics::new());
+    let metrics = Arc::new(persistence_agent::ops::metrics::Metrics::new());
     let agent = Agent::start(args, metrics).await.expect("agent starts");
     produce_range(&env, 0..2).await;
     env.wait_count("SELECT count(*) FROM recommendation", 2, 30)

@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use common::{request, Env};
 use persistence_agent::classify::class;
-use persistence_agent::metrics::Metrics;
-use persistence_agent::model::PersistenceRequest;
-use persistence_agent::persist::{Persister, Source};
+use persistence_agent::message::envelope::Source;
+use persistence_agent::message::model::PersistenceRequest;
+use persistence_agent::ops::metrics::Metrics;
+use persistence_agent::persist::Persister;
 
 fn persister(env: &Env, timeout_ms: u64, pool_size: usize) -> (Persister, Arc<Metrics>) {
     let mut db = env.run_args(&[]).db;
     db.database_pool_size = pool_size;
-    let pool = persistence_agent::db::pool(&db).unwrap();
+    let pool = persistence_agent::persist::db::pool(&db).unwrap();
     let metrics = Arc::new(Metrics::new());
     let backoff = vec![Duration::from_millis(10); 5];
     (
@@ -152,7 +153,10 @@ async fn migrations_are_idempotent_and_safe_when_replicas_start_together() {
     let runs = (0..4).map(|_| {
         let db = db.clone();
         tokio::spawn(async move {
-            persistence_agent::db::migrate(&persistence_agent::db::pool(&db).unwrap()).await
+            persistence_agent::persist::db::migrate(
+                &persistence_agent::persist::db::pool(&db).unwrap(),
+            )
+            .await
         })
     });
     for run in runs {
@@ -164,6 +168,6 @@ async fn migrations_are_idempotent_and_safe_when_replicas_start_together() {
     }
     assert_eq!(
         env.count("SELECT count(*) FROM schema_migrations").await,
-        persistence_agent::db::MIGRATIONS.len() as i64
+        persistence_agent::persist::db::MIGRATIONS.len() as i64
     );
 }

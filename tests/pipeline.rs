@@ -3,8 +3,8 @@
 mod common;
 
 use common::{request, stop, Env};
-use persistence_agent::metrics::outcome;
-use persistence_agent::produce::{encode_avro, WireFormat};
+use persistence_agent::ops::metrics::outcome;
+use persistence_agent::tools::produce::{encode_avro, WireFormat};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persists_json_request_end_to_end() {
@@ -117,8 +117,9 @@ async fn persists_both_avro_framings_and_older_schema_versions() {
     let env = Env::new(1).await;
     env.books(&["b1", "b2"]).await;
     let agent = env.start(&[]).await;
-    let current = persistence_agent::schemas::request_reader_schema().unwrap();
-    let v1 = apache_avro::Schema::parse_str(persistence_agent::schemas::REQUEST_SCHEMA_V1).unwrap();
+    let current = persistence_agent::decode::schemas::request_reader_schema().unwrap();
+    let v1 = apache_avro::Schema::parse_str(persistence_agent::decode::schemas::REQUEST_SCHEMA_V1)
+        .unwrap();
 
     let mut with_prefs = request("u-confluent", Some("avro-1"), &[("b1", 0.9)]);
     with_prefs["context"]["preferences"] = serde_json::json!({"language": "es"});

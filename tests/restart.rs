@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{request, stop, wait_for, Env};
-use persistence_agent::metrics::outcome;
+use persistence_agent::ops::metrics::outcome;
 
 fn spawn_agent(env: &Env, extra_env: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_persistence-agent"));

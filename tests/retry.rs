@@ -5,11 +5,11 @@ mod common;
 use std::time::Duration;
 
 use common::{json, request, stop, wait_for, Env, Record};
-use persistence_agent::envelope::{header, parse_time};
-use persistence_agent::metrics::outcome;
+use persistence_agent::message::headers::{self, parse_time};
+use persistence_agent::ops::metrics::outcome;
 
 fn due_ms(r: &Record) -> i64 {
-    parse_time(r.header(header::DUE))
+    parse_time(r.header(headers::DUE))
         .expect("pa.due is RFC 3339")
         .timestamp_millis()
 }
@@ -62,17 +62,17 @@ async fn routes_each_disposition_with_headers() {
     let r = &tier[0];
     assert_eq!(r.key.as_deref(), Some("u1"));
     assert_eq!(r.header("trace-id"), "abc", "own headers travel unchanged");
-    assert_eq!(r.header(header::ATTEMPT), "1");
-    assert_eq!(r.header(header::ORIGINAL_TOPIC), env.topic);
-    assert_eq!(r.header(header::ORIGINAL_PARTITION), "0");
-    assert_eq!(r.header(header::ORIGINAL_OFFSET), "0");
-    assert_eq!(r.header(header::ERROR_CLASS), "foreign_key_violation");
-    assert_eq!(r.header(header::ERROR_CODE), "23503");
-    assert_eq!(r.header(header::CONSUMER_GROUP), env.group);
-    assert!(parse_time(r.header(header::ORIGINAL_TIMESTAMP)).is_some());
-    assert!(parse_time(r.header(header::FIRST_FAILURE)).is_some());
+    assert_eq!(r.header(headers::ATTEMPT), "1");
+    assert_eq!(r.header(headers::ORIGINAL_TOPIC), env.topic);
+    assert_eq!(r.header(headers::ORIGINAL_PARTITION), "0");
+    assert_eq!(r.header(headers::ORIGINAL_OFFSET), "0");
+    assert_eq!(r.header(headers::ERROR_CLASS), "foreign_key_violation");
+    assert_eq!(r.header(headers::ERROR_CODE), "23503");
+    assert_eq!(r.header(headers::CONSUMER_GROUP), env.group);
+    assert!(parse_time(r.header(headers::ORIGINAL_TIMESTAMP)).is_some());
+    assert!(parse_time(r.header(headers::FIRST_FAILURE)).is_some());
     assert!(r
-        .header(header::AGENT_VERSION)
+        .header(headers::AGENT_VERSION)
         .starts_with(env!("CARGO_PKG_VERSION")));
     let delay = due_ms(r) - r.timestamp_ms;
     assert!(
@@ -81,10 +81,15 @@ async fn routes_each_disposition_with_headers() {
     );
 
     let mut dlq = env.records(&env.dlq(), 2, 30);
-    dlq.sort_by_key(|r| r.header(header::ORIGINAL_OFFSET).to_string());
+    dlq.sort_by_key(|r| r.header(headers::ORIGINAL_OFFSET).to_string());
     let classes: Vec<(&str, &str)> = dlq
         .iter()
-        .map(|r| (r.header(header::ERROR_CLASS), r.header(header::ERROR_CODE)))
+        .map(|r| {
+            (
+                r.header(headers::ERROR_CLASS),
+                r.header(headers::ERROR_CODE),
+            )
+        })
         .collect();
     assert_eq!(
         classes,
@@ -93,7 +98,7 @@ async fn routes_each_disposition_with_headers() {
             ("validation", "score_out_of_range")
         ]
     );
-    assert!(dlq.iter().all(|r| !r.headers.contains_key(header::DUE)));
+    assert!(dlq.iter().all(|r| !r.headers.contains_key(headers::DUE)));
     assert_eq!(dlq[0].value, b"{\"userId\": ", "value forwarded unchanged");
 
     let metrics = agent.metrics.clone();
@@ -128,7 +133,7 @@ async fn succeeds_from_tier_two_once_the_book_appears() {
 
     // Failed in tier 1 too: now waiting in tier 2. The catalogue catches up meanwhile.
     let second = env.records(&env.tier_topic("3s"), 1, 60);
-    assert_eq!(second[0].header(header::ATTEMPT), "2");
+    assert_eq!(second[0].header(headers::ATTEMPT), "2");
     env.books(&["b-late"]).await;
     env.wait_count("SELECT count(*) FROM recommendation_book", 2, 60)
         .await;
@@ -188,18 +193,18 @@ async fn walks_every_tier_then_dead_letters_never_before_due() {
     }
     assert!(dlq[0].timestamp_ms >= due_ms(&hops[2]));
     for (i, (hop, delay)) in hops.iter().zip([1000, 2000, 3000]).enumerate() {
-        assert_eq!(hop.header(header::ATTEMPT), (i + 1).to_string());
+        assert_eq!(hop.header(headers::ATTEMPT), (i + 1).to_string());
         assert_eq!(due_ms(hop) - hop.timestamp_ms, delay);
         // Origin headers are written once; error headers are replaced, not repeated.
-        assert_eq!(hop.header(header::ORIGINAL_OFFSET), "0");
+        assert_eq!(hop.header(headers::ORIGINAL_OFFSET), "0");
         assert_eq!(
-            hop.header(header::FIRST_FAILURE),
-            hops[0].header(header::FIRST_FAILURE)
+            hop.header(headers::FIRST_FAILURE),
+            hops[0].header(headers::FIRST_FAILURE)
         );
     }
     let d = &dlq[0];
-    assert_eq!(d.header(header::ATTEMPT), "4");
-    assert_eq!(d.header(header::ERROR_CLASS), "foreign_key_violation");
+    assert_eq!(d.header(headers::ATTEMPT), "4");
+    assert_eq!(d.header(headers::ERROR_CLASS), "foreign_key_violation");
     assert_eq!(
         d.headers.keys().filter(|k| k.starts_with("pa.")).count(),
         11
@@ -239,7 +244,7 @@ async fn gives_up_after_the_configured_age() {
     stop(agent).await;
     // Tier 1 fails at about 1 s (under 4 s old: on to tier 2), tier 2 at about 7 s: older
     // than 4 s, so the third tier is skipped.
-    assert_eq!(dlq[0].header(header::ATTEMPT), "3");
+    assert_eq!(dlq[0].header(headers::ATTEMPT), "3");
     assert_eq!(env.records(&env.tier_topic("6s"), 1, 10).len(), 1);
 }
 
@@ -391,19 +396,20 @@ async fn replays_a_fixed_dead_letter_exactly_once() {
     env.produce("u2", b"not json").await;
     env.records(&env.dlq(), 2, 60);
 
-    let list =
-        persistence_agent::dlq::list(&dlq_args::<persistence_agent::dlq::ListArgs>(&env, &[]))
-            .unwrap();
+    let list = persistence_agent::tools::dlq::list(&dlq_args::<
+        persistence_agent::tools::dlq::ListArgs,
+    >(&env, &[]))
+    .unwrap();
     assert!(list.contains(": 2 dead letters"), "{list}");
     assert!(list.contains("foreign_key_violation"), "{list}");
     assert!(list.contains("decode"), "{list}");
 
     env.books(&["b-fixed"]).await;
-    let dry = dlq_args::<persistence_agent::dlq::ReplayArgs>(
+    let dry = dlq_args::<persistence_agent::tools::dlq::ReplayArgs>(
         &env,
         &["--class=foreign_key_violation", "--dry-run"],
     );
-    let summary = persistence_agent::dlq::replay(&dry).await.unwrap();
+    let summary = persistence_agent::tools::dlq::replay(&dry).await.unwrap();
     assert!(summary.starts_with("would replay 1,"), "{summary}");
     assert_eq!(
         env.count("SELECT count(*) FROM audit_log WHERE entity_type = 'dead_letter'")
@@ -411,27 +417,29 @@ async fn replays_a_fixed_dead_letter_exactly_once() {
         0
     );
 
-    let args =
-        dlq_args::<persistence_agent::dlq::ReplayArgs>(&env, &["--class=foreign_key_violation"]);
-    let summary = persistence_agent::dlq::replay(&args).await.unwrap();
+    let args = dlq_args::<persistence_agent::tools::dlq::ReplayArgs>(
+        &env,
+        &["--class=foreign_key_violation"],
+    );
+    let summary = persistence_agent::tools::dlq::replay(&args).await.unwrap();
     assert!(summary.starts_with("replayed 1,"), "{summary}");
     env.wait_count("SELECT count(*) FROM recommendation", 1, 30)
         .await;
     // Run again: the group's progress and the audit row both say it is done.
-    let again = persistence_agent::dlq::replay(&args).await.unwrap();
+    let again = persistence_agent::tools::dlq::replay(&args).await.unwrap();
     assert!(again.starts_with("replayed 0,"), "{again}");
 
     let input = env.records(&env.topic, 3, 10);
     let replayed: Vec<&Record> = input
         .iter()
-        .filter(|r| r.headers.contains_key(header::REPLAYED_FROM))
+        .filter(|r| r.headers.contains_key(headers::REPLAYED_FROM))
         .collect();
     assert_eq!(replayed.len(), 1);
     assert!(replayed[0]
-        .header(header::REPLAYED_FROM)
+        .header(headers::REPLAYED_FROM)
         .starts_with(&env.dlq()));
     assert!(
-        !replayed[0].headers.contains_key(header::ATTEMPT),
+        !replayed[0].headers.contains_key(headers::ATTEMPT),
         "fresh retry state"
     );
     let metrics = agent.metrics.clone();
@@ -480,25 +488,25 @@ async fn forged_retry_headers_on_the_input_topic_are_ignored() {
         Some("u1"),
         &json(request("u1", Some("forged"), &[("missing", 0.5)])),
         &[
-            (header::ORIGINAL_TOPIC, "someone-elses-topic"),
-            (header::ORIGINAL_PARTITION, "7"),
-            (header::ORIGINAL_OFFSET, "99"),
-            (header::ATTEMPT, "3"),
-            (header::FIRST_FAILURE, "2020-01-01T00:00:00.000Z"),
+            (headers::ORIGINAL_TOPIC, "someone-elses-topic"),
+            (headers::ORIGINAL_PARTITION, "7"),
+            (headers::ORIGINAL_OFFSET, "99"),
+            (headers::ATTEMPT, "3"),
+            (headers::FIRST_FAILURE, "2020-01-01T00:00:00.000Z"),
         ],
     )
     .await;
     let hop = env.records(&env.tier_topic("1h"), 1, 30).remove(0);
     stop(agent).await;
-    assert_eq!(hop.header(header::ORIGINAL_TOPIC), env.topic);
-    assert_eq!(hop.header(header::ORIGINAL_OFFSET), "0");
+    assert_eq!(hop.header(headers::ORIGINAL_TOPIC), env.topic);
+    assert_eq!(hop.header(headers::ORIGINAL_OFFSET), "0");
     assert_eq!(
-        hop.header(header::ATTEMPT),
+        hop.header(headers::ATTEMPT),
         "1",
         "a fresh request starts at tier 1"
     );
     assert_ne!(
-        hop.header(header::FIRST_FAILURE),
+        hop.header(headers::FIRST_FAILURE),
         "2020-01-01T00:00:00.000Z"
     );
 }
@@ -559,9 +567,9 @@ async fn dead_letters_the_headers_when_the_value_is_refused() {
     stop(agent).await;
     assert!(dlq[0].value.is_empty(), "the value is dropped");
     assert!(dlq[0]
-        .header(header::VALUE_DROPPED)
+        .header(headers::VALUE_DROPPED)
         .starts_with("6000 bytes refused"));
-    assert_eq!(dlq[0].header(header::ERROR_CLASS), "decode");
+    assert_eq!(dlq[0].header(headers::ERROR_CLASS), "decode");
     assert_eq!(env.committed(0), Some(1), "the partition moves on");
 }
 

@@ -11,12 +11,12 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Json;
 use common::{request, stop, wait_for, Env};
-use persistence_agent::produce::{encode_avro, WireFormat};
+use persistence_agent::tools::produce::{encode_avro, WireFormat};
 
 /// Version 3: a producer ahead of the agent, with a field the agent does not know.
 fn newer_schema() -> String {
     let mut v: serde_json::Value =
-        serde_json::from_str(persistence_agent::schemas::REQUEST_SCHEMA).unwrap();
+        serde_json::from_str(persistence_agent::decode::schemas::REQUEST_SCHEMA).unwrap();
     v["fields"]
         .as_array_mut()
         .unwrap()

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use persistence_agent::classify::Failure;
 use persistence_agent::decode::Decoder;
-use persistence_agent::schemas::SchemaRegistry;
+use persistence_agent::decode::schemas::SchemaRegistry;
 
 fn decoder() -> &'static (Decoder, tokio::runtime::Runtime) {
     static D: OnceLock<(Decoder, tokio::runtime::Runtime)> = OnceLock::new();

@@ -1,10 +1,12 @@
 //! The database side of fencing: a new owner of a consumed partition claims the next
 //! generation before its first write, and every transaction carries its owner's generation.
 
-use super::{Pipeline, MAX_PROBE_INTERVAL};
+use super::waits::MAX_PROBE_INTERVAL;
+use super::Pipeline;
 use crate::classify::Failure;
-use crate::envelope::Envelope;
-use crate::persist::{Fence, CLAIM_SQL};
+use crate::message::envelope::Envelope;
+use crate::message::envelope::Fence;
+use crate::persist::CLAIM_SQL;
 
 /// An earlier owner's transaction holds its share lock for seconds at most; a connection of it
 /// that went half-open holds it until the server notices (`idle_in_transaction_session_timeout`).
@@ -63,8 +65,7 @@ impl Pipeline {
             tx.commit().await?;
             Ok::<i64, Failure>(row.get(0))
         };
-        let may_go_on =
-            || std::future::ready(!env.owner.is_revoked() && !self.shutdown.is_cancelled());
+        let may_go_on = || std::future::ready(!env.owner.is_revoked() && !self.life.stopping());
         let generation = self.retry_db("claim", may_go_on, claimed).await.ok_or(())?;
         // A claim landing after the revoke must not count as this owner's.
         if env.owner.is_revoked() {

@@ -2,9 +2,9 @@
 //! the property tests (decode + validate in-process) and the end-to-end test through the agent.
 
 use persistence_agent::decode::{CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC};
-use persistence_agent::model::PersistenceRequest;
-use persistence_agent::produce::encode_request;
-use persistence_agent::produce::WireFormat;
+use persistence_agent::message::model::PersistenceRequest;
+use persistence_agent::tools::produce::encode_request;
+use persistence_agent::tools::produce::WireFormat;
 
 /// A valid request (one known book, `b1`).
 pub fn base() -> PersistenceRequest {
@@ -40,7 +40,7 @@ fn avro_string(s: &str) -> Vec<u8> {
 
 /// The current schema's single-object header (magic and fingerprint).
 pub fn single_object_header() -> Vec<u8> {
-    let schema = persistence_agent::schemas::request_reader_schema().unwrap();
+    let schema = persistence_agent::decode::schemas::request_reader_schema().unwrap();
     let mut out = SINGLE_OBJECT_MAGIC.to_vec();
     out.extend_from_slice(&persistence_agent::decode::fingerprint(&schema).to_le_bytes());
     out

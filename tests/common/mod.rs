@@ -8,10 +8,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use persistence_agent::agent::Agent;
-use persistence_agent::config::RunArgs;
-use persistence_agent::metrics::Metrics;
-use persistence_agent::model::PersistenceResult;
+use persistence_agent::app::agent::Agent;
+use persistence_agent::message::model::PersistenceResult;
+use persistence_agent::ops::config::RunArgs;
+use persistence_agent::ops::metrics::Metrics;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -130,8 +130,10 @@ impl Env {
 
     async fn migrate(&self) {
         let args = self.run_args(&[]);
-        let pool = persistence_agent::db::pool(&args.db).unwrap();
-        persistence_agent::db::migrate(&pool).await.unwrap();
+        let pool = persistence_agent::persist::db::pool(&args.db).unwrap();
+        persistence_agent::persist::db::migrate(&pool)
+            .await
+            .unwrap();
     }
 
     /// Agent settings for this environment; `extra` are further `--flag value` pairs.
@@ -260,12 +262,12 @@ pub async fn start_with_http(args: RunArgs) -> (Agent, String) {
     let agent = Agent::start(args, Arc::new(Metrics::new()))
         .await
         .expect("agent starts");
-    let listener = persistence_agent::http::bind("127.0.0.1:0".parse().unwrap())
+    let listener = persistence_agent::app::http::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let state = persistence_agent::http::HttpState::of(&agent);
-    tokio::spawn(persistence_agent::http::serve(
+    let state = persistence_agent::app::http::HttpState::of(&agent);
+    tokio::spawn(persistence_agent::app::http::serve(
         listener,
         state,
         agent.shutdown.clone(),

@@ -1,0 +1,4 @@
+//! The service shell: wiring the stages into a running agent, and its HTTP endpoints.
+
+pub mod agent;
+pub mod http;

@@ -1,0 +1,244 @@
+//! The poll loop: one thread owns the consumer, hands each message to a worker (same key,
+//! same worker, so a key's requests stay in order), pauses for backpressure and outages, and
+//! holds retry-tier partitions until their next message is due.
+
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::due::DueGate;
+use super::rebalance::{AgentContext, Shared};
+use super::worker::Job;
+use crate::classify::Failure;
+use crate::message::headers;
+use crate::ops::lifecycle::Lifecycle;
+
+pub struct PollLoop {
+    pub consumer: Arc<BaseConsumer<AgentContext>>,
+    pub shared: Arc<Shared>,
+    pub workers: Vec<UnboundedSender<Job>>,
+    pub life: Arc<Lifecycle>,
+    pub max_in_flight: usize,
+    pub shutdown_timeout: Duration,
+    /// Retry-tier consumers hold each partition until its next message is due.
+    pub gate: Option<DueGate>,
+    /// All assigned partitions are paused (backpressure or a database outage).
+    pub paused: bool,
+}
+
+impl PollLoop {
+    /// Runs on a dedicated thread until shutdown; then drains, commits and closes the consumer.
+    pub fn run(mut self) {
+        let shutdown = self.life.shutdown.clone();
+        while !shutdown.is_cancelled() {
+            self.shared.apply_ready(&self.consumer);
+            self.on_assignment_change();
+            self.backpressure();
+            self.resume_due();
+            match self.consumer.poll(Duration::from_millis(50)) {
+                None => {}
+                Some(Ok(m)) => self.dispatch(m.detach()),
+                Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+            }
+        }
+        tracing::info!("shutting down: draining in-flight messages");
+        let drained = self
+            .shared
+            .drain(&self.consumer, &[], self.shutdown_timeout);
+        self.shared.commit(&self.consumer, "shutdown");
+        self.shared.closing.store(true, Ordering::Release);
+        tracing::info!(drained, "offsets committed; closing consumer");
+        self.gauge(&self.shared.metrics.in_flight).set(0);
+    }
+
+    /// librdkafka keeps the application's pauses across a rebalance, and every partition
+    /// restarts from its committed offset: start over unpaused, with no message waited for.
+    fn on_assignment_change(&mut self) {
+        if !self.shared.assignment_changed.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = self
+            .consumer
+            .assignment()
+            .and_then(|a| self.consumer.resume(&a))
+        {
+            tracing::warn!(error = %e, "resume after rebalance failed");
+        }
+        self.paused = false;
+        if let Some(g) = &mut self.gate {
+            g.clear();
+        }
+        self.gauge(&self.shared.metrics.paused_partitions).set(0);
+        self.shared.metrics.delayed_partitions.set(0);
+    }
+
+    /// Pauses all assigned partitions above `max_in_flight` or while the database is down, and
+    /// resumes below half of it once it is back; polling goes on meanwhile, so the group
+    /// session and rebalances are served.
+    fn backpressure(&mut self) {
+        let in_flight = self
+            .shared
+            .tracker
+            .lock()
+            .expect("tracker lock")
+            .in_flight();
+        self.gauge(&self.shared.metrics.in_flight)
+            .set(in_flight as i64);
+        let outage = self.life.in_outage();
+        let want_paused = outage
+            || match self.paused {
+                true => in_flight > self.max_in_flight / 2,
+                false => in_flight >= self.max_in_flight,
+            };
+        if want_paused == self.paused {
+            return;
+        }
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        // librdkafka resumes each partition at the first message not yet handed to the agent;
+        // partitions waiting for a due time stay paused.
+        let result = match want_paused {
+            true => self.consumer.pause(&assignment),
+            false => self.consumer.resume(&self.without_waiting(&assignment)),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "pause/resume failed");
+            return;
+        }
+        if want_paused && outage {
+            tracing::warn!("database unavailable: consumption paused");
+        }
+        let count = if want_paused {
+            assignment.count() as i64
+        } else {
+            0
+        };
+        self.gauge(&self.shared.metrics.paused_partitions)
+            .set(count);
+        self.paused = want_paused;
+    }
+
+    fn gauge(&self, vec: &prometheus::IntGaugeVec) -> prometheus::IntGauge {
+        vec.with_label_values(&[self.shared.name])
+    }
+
+    fn without_waiting(&self, tpl: &TopicPartitionList) -> TopicPartitionList {
+        let mut out = TopicPartitionList::new();
+        for e in tpl.elements() {
+            let tp = (e.topic().to_string(), e.partition());
+            if !self.gate.as_ref().is_some_and(|g| g.is_waiting(&tp)) {
+                out.add_partition(e.topic(), e.partition());
+            }
+        }
+        out
+    }
+
+    /// Resumes partitions whose waited-for message is due (unless everything is paused; the
+    /// general resume then picks them up).
+    fn resume_due(&mut self) {
+        let Some(gate) = &mut self.gate else {
+            return;
+        };
+        if gate.is_empty() {
+            return;
+        }
+        let now = chrono::Utc::now();
+        let due = gate.take_due(now);
+        let waiting = gate.len() as i64;
+        self.shared.metrics.delayed_partitions.set(waiting);
+        if due.is_empty() || self.paused {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), _) in &due {
+            tpl.add_partition(t, *p);
+        }
+        if let Err(e) = self.consumer.resume(&tpl) {
+            // Still paused: try again on the next turn of the loop.
+            tracing::warn!(error = %e, "resume of a due retry partition failed");
+            for (tp, offset) in due {
+                gate.wait(tp, offset, now);
+            }
+        }
+    }
+
+    /// Holds a retry-tier message that is not yet due: pause its partition and set the fetch
+    /// position back to it. Returns whether it was held.
+    fn hold_until_due(&mut self, msg: &OwnedMessage) -> bool {
+        let Some(gate) = &mut self.gate else {
+            return false;
+        };
+        let tp = (msg.topic().to_string(), msg.partition());
+        if gate.is_behind_a_wait(&tp, msg.offset()) {
+            return true;
+        }
+        if gate.was_released(&tp, msg.offset()) {
+            return false;
+        }
+        let Some((due, clamped)) = gate.due_at(msg) else {
+            return false;
+        };
+        if clamped {
+            let m = &self.shared.metrics.headers_clamped;
+            m.with_label_values(&[headers::DUE]).inc();
+        }
+        if due <= chrono::Utc::now() {
+            return false;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        let held = self.consumer.pause(&tpl).and_then(|_| {
+            self.consumer.seek(
+                &tp.0,
+                tp.1,
+                Offset::Offset(msg.offset()),
+                Duration::from_secs(5),
+            )
+        });
+        if let Err(e) = held {
+            // Not held: handle it now rather than risk skipping it.
+            tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "cannot pause a retry partition until due");
+            let _ = self.consumer.resume(&tpl);
+            return false;
+        }
+        tracing::debug!(topic = %tp.0, partition = tp.1, offset = msg.offset(), %due, "retry message not yet due; partition paused");
+        gate.wait(tp, msg.offset(), due);
+        self.shared
+            .metrics
+            .delayed_partitions
+            .set(gate.len() as i64);
+        true
+    }
+
+    fn dispatch(&mut self, msg: OwnedMessage) {
+        if self.hold_until_due(&msg) {
+            return;
+        }
+        let tp = (msg.topic().to_string(), msg.partition());
+        let (epoch, owner) = self
+            .shared
+            .tracker
+            .lock()
+            .expect("tracker lock")
+            .dispatched(&tp, msg.offset());
+        let mut h = std::hash::DefaultHasher::new();
+        match msg.key() {
+            Some(k) => k.hash(&mut h),
+            // Keyless messages keep their partition's order.
+            None => tp.hash(&mut h),
+        }
+        let worker = &self.workers[(h.finish() % self.workers.len() as u64) as usize];
+        if worker.send(Job { msg, epoch, owner }).is_err() {
+            // Every later message for that worker would be dropped: stop, commit what is done.
+            let f = Failure::internal("worker_stopped", "a worker stopped".into());
+            self.life.fail(&f);
+        }
+    }
+}

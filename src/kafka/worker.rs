@@ -1,0 +1,112 @@
+//! Workers: each handles its jobs one at a time through the pipeline (behind the `Handle`
+//! trait, so this module never depends on it) and reports every message's completion to the
+//! poll thread, after its result event is acknowledged.
+
+use std::future::Future;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use rdkafka::message::{Message, OwnedMessage};
+
+use super::rebalance::{Completion, Shared};
+use crate::classify::Failure;
+use crate::message::ownership::{Hold, Ownership};
+use crate::ops::lifecycle::Lifecycle;
+use crate::route::results::PendingResult;
+
+pub struct Job {
+    pub msg: OwnedMessage,
+    pub epoch: u64,
+    pub owner: Arc<Ownership>,
+}
+
+/// What the consumer may do with the message's offset.
+pub enum Handled {
+    /// The outcome is durable: the offset may be committed once the result event (if any) is
+    /// acknowledged.
+    Done(Option<PendingResult>),
+    /// Not finished (shutdown while the database was down, or a fatal error): never commit it,
+    /// so the message is read again.
+    Abandoned,
+}
+
+/// Settles one consumed message: the pipeline.
+pub trait Handle: Send + Sync + 'static {
+    fn handle(
+        &self,
+        msg: &OwnedMessage,
+        owner: Arc<Ownership>,
+        hold: Hold,
+    ) -> impl Future<Output = Handled> + Send;
+}
+
+/// Worker task: handles its jobs one by one and reports each to the poll thread.
+pub async fn worker<H: Handle>(
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<Job>,
+    handler: Arc<H>,
+    life: Arc<Lifecycle>,
+    shared: Arc<Shared>,
+    done: Sender<Completion>,
+) {
+    while let Some(Job { msg, epoch, owner }) = jobs.recv().await {
+        let mut c = Completion {
+            tp: (msg.topic().to_string(), msg.partition()),
+            epoch,
+            offset: msg.offset(),
+            done: false,
+        };
+        // Queued messages of a partition this consumer no longer owns belong to the new owner,
+        // and once shutdown begins they are left for the next one.
+        let current = shared
+            .tracker
+            .lock()
+            .expect("tracker lock")
+            .is_current(&c.tp, epoch);
+        let hold = Hold::default();
+        let handled = match current && owner.may_start() && !life.stopping() {
+            false => Handled::Abandoned,
+            true => run_isolated(&handler, &life, msg, owner, hold.clone()).await,
+        };
+        match handled {
+            Handled::Abandoned => {}
+            Handled::Done(None) => c.done = true,
+            // The next message starts while the broker acknowledges this one's result event.
+            Handled::Done(Some(pending)) => {
+                let done = done.clone();
+                let life = life.clone();
+                tokio::spawn(async move {
+                    c.done = pending.delivered(&life).await;
+                    let _ = done.send(c);
+                    // Reported first: a revoke waiting for this hold then commits it.
+                    drop(hold.take());
+                });
+                continue;
+            }
+        }
+        let reported = done.send(c).is_ok();
+        drop(hold.take());
+        if !reported {
+            return;
+        }
+    }
+}
+
+/// Runs one message in its own task, so a panic stops the agent (nothing committed past the
+/// message) instead of silently killing this worker and every message hashed to it.
+async fn run_isolated<H: Handle>(
+    handler: &Arc<H>,
+    life: &Lifecycle,
+    msg: OwnedMessage,
+    owner: Arc<Ownership>,
+    hold: Hold,
+) -> Handled {
+    let h = handler.clone();
+    match tokio::spawn(async move { h.handle(&msg, owner, hold).await }).await {
+        Ok(handled) => handled,
+        Err(e) => {
+            let f = Failure::internal("panic", format!("message handling panicked: {e}"));
+            life.fail(&f);
+            Handled::Abandoned
+        }
+    }
+}

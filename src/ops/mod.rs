@@ -1,0 +1,7 @@
+//! Operating the agent: configuration, the metrics registry, one event per outcome (log line
+//! and metrics together), and the process's stop state.
+
+pub mod config;
+pub mod events;
+pub mod lifecycle;
+pub mod metrics;

@@ -1,0 +1,197 @@
+//! Persist stage: one SERIALIZABLE transaction per request (the specification's transaction flow), retried
+//! in-process with jittered backoff for transient failures.
+//!
+//! All five steps run as one statement of chained data-modifying CTEs, pipelined with BEGIN, so a
+//! request costs two round trips (BEGIN+statement, then confirmation+COMMIT). Every write is
+//! gated on the ledger insert: for a request already recorded nothing is written and the
+//! original confirmation comes back instead.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::Retryable;
+use deadpool_postgres::Pool;
+
+use crate::classify::{Disposition, Failure};
+use crate::message::envelope::Source;
+use crate::message::model::{PersistenceRequest, PersistenceResult};
+use crate::ops::metrics::{attempt, Metrics};
+
+pub mod db;
+pub mod park;
+mod sql;
+
+pub use sql::CLAIM_SQL;
+use sql::{statements, Params};
+
+/// What the transaction did with the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    New,
+    /// Already in the ledger: nothing written, the stored confirmation returned.
+    Duplicate,
+    /// Nothing written: an earlier request of the key waits in a retry tier.
+    Blocked,
+    /// Nothing written: the partition belongs to another owner now.
+    Fenced,
+}
+
+#[derive(Debug, Clone)]
+pub struct Persisted {
+    pub result: PersistenceResult,
+    pub written: Written,
+    pub attempts: u32,
+}
+
+/// Added to twice the statement timeout for the client-side deadline of one transaction.
+const CLIENT_DEADLINE_MARGIN: Duration = Duration::from_secs(5);
+
+pub struct Persister {
+    pool: Pool,
+    statement_timeout: Duration,
+    backoff: Vec<Duration>,
+    metrics: Arc<Metrics>,
+}
+
+impl Persister {
+    pub fn new(
+        pool: Pool,
+        statement_timeout: Duration,
+        backoff: Vec<Duration>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            pool,
+            statement_timeout,
+            backoff,
+            metrics,
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Persists `req` under `request_id`, retrying transient failures in-process. The error is
+    /// the last attempt's, classified.
+    pub async fn persist(
+        &self,
+        req: &PersistenceRequest,
+        request_id: &str,
+        source: &Source,
+    ) -> Result<Persisted, Failure> {
+        let attempts = AtomicU32::new(0);
+        let timeouts = AtomicU32::new(0);
+        let run = || async {
+            attempts.fetch_add(1, Ordering::Relaxed);
+            // Seed 000: a statement timeout is retried once with double the timeout.
+            let timeout = self.statement_timeout * (1 << timeouts.load(Ordering::Relaxed).min(1));
+            self.attempt(req, request_id, source, timeout).await
+        };
+        let outcome = run
+            .retry(jittered(&self.backoff))
+            .sleep(tokio::time::sleep)
+            .when(|f: &Failure| match f.class {
+                crate::classify::class::TIMEOUT => timeouts.fetch_add(1, Ordering::Relaxed) == 0,
+                // A terminated connection (57P01) or a brief failover heals within the backoff;
+                // a longer outage is the pipeline's to wait out.
+                _ => matches!(f.disposition, Disposition::RetryInProcess | Disposition::Outage),
+            })
+            .notify(|f: &Failure, after: Duration| {
+                tracing::debug!(request_id, class = f.class, code = %f.code, ?after, "transaction retry");
+            })
+            .await;
+        let attempts = attempts.into_inner();
+        outcome.map(|mut p| {
+            p.attempts = attempts;
+            p
+        })
+    }
+
+    async fn attempt(
+        &self,
+        req: &PersistenceRequest,
+        request_id: &str,
+        source: &Source,
+        timeout: Duration,
+    ) -> Result<Persisted, Failure> {
+        let started = Instant::now();
+        let result = self
+            .transaction(req, request_id, source, timeout, started)
+            .await;
+        self.metrics
+            .txn_duration
+            .observe(started.elapsed().as_secs_f64());
+        let label = match &result {
+            Ok(p) => match p.written {
+                Written::New => attempt::COMMITTED,
+                Written::Duplicate => attempt::DUPLICATE,
+                Written::Blocked => attempt::BLOCKED,
+                Written::Fenced => attempt::FENCED,
+            },
+            Err(f) => f.class,
+        };
+        self.metrics.txn_attempts.with_label_values(&[label]).inc();
+        result
+    }
+
+    async fn transaction(
+        &self,
+        req: &PersistenceRequest,
+        request_id: &str,
+        source: &Source,
+        timeout: Duration,
+        started: Instant,
+    ) -> Result<Persisted, Failure> {
+        let mut guard = Checkout(Some(self.pool.get().await.map_err(|e| Failure::from(&e))?));
+        let client = guard.0.as_ref().expect("checked out");
+        let p = Params::new(req, request_id, source);
+        // The server's statement timeout cannot fire on a connection that no longer answers:
+        // a client-side deadline over both round trips, counted from the checkout (a wait for
+        // a busy pool is not a hung connection).
+        let deadline = timeout * 2 + CLIENT_DEADLINE_MARGIN;
+        let outcome =
+            match tokio::time::timeout(deadline, statements(client, &p, timeout, started)).await {
+                // A hung connection is dropped with the guard (discarded, not pooled), unasked.
+                Err(_) => return Err(Failure::hung(deadline)),
+                Ok(outcome) => outcome,
+            };
+        if outcome.is_err() && !client.is_closed() {
+            // A server that froze after its error reply must not hold the worker either.
+            let rollback =
+                tokio::time::timeout(CLIENT_DEADLINE_MARGIN, client.batch_execute("ROLLBACK"));
+            if !matches!(rollback.await, Ok(Ok(()))) {
+                return outcome;
+            }
+        }
+        guard.release();
+        outcome
+    }
+}
+
+/// A pooled connection that goes back to the pool only when its transaction was finished: a
+/// future dropped mid-transaction (shutdown) discards the connection instead of lending out an
+/// open transaction.
+struct Checkout(Option<deadpool_postgres::Object>);
+
+impl Checkout {
+    fn release(&mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(obj) = self.0.take() {
+            drop(deadpool_postgres::Object::take(obj));
+        }
+    }
+}
+
+/// The configured delays with ±50 % jitter, so concurrent losers of a conflict do not collide
+/// again in lockstep.
+fn jittered(delays: &[Duration]) -> impl backon::BackoffBuilder {
+    let delays: Vec<Duration> = delays.to_vec();
+    delays.into_iter().map(|d| d.mul_f64(0.5 + fastrand::f64()))
+}
