@@ -36,7 +36,7 @@ def check(ok, what):
 
 def service_env_vars():
     names = set()
-    for path in (ROOT / "src").glob("*.rs"):
+    for path in (ROOT / "src").rglob("*.rs"):
         names |= set(re.findall(r'env = "([A-Z_]+)"', path.read_text()))
     # Read by librdkafka pass-through and tracing rather than clap.
     return names | {"RUST_LOG"}

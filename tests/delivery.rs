@@ -4,10 +4,12 @@
 
 mod common;
 
-use common::{json, request, Env};
+use common::{http_get, json, request, wait_for, Env};
 use persistence_agent::app::agent::Agent;
+use persistence_agent::app::http::{bind, serve, HttpState};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use tokio_util::sync::CancellationToken;
 
 const ARGS: &[&str] = &["--retry-delays=1h", "--create-retry-topics=false"];
 
@@ -55,6 +57,16 @@ fn break_sequences(cluster: &Cluster) {
     );
 }
 
+/// Serves the agent's endpoints until the test ends, as the binary does while it drains after a
+/// fatal error (the agent's own shutdown does not stop them).
+async fn endpoints(agent: &Agent) -> (String, CancellationToken) {
+    let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(serve(listener, HttpState::of(agent), stop.clone()));
+    (url, stop)
+}
+
 /// Waits for the agent to stop by itself; returns the error it exited with.
 async fn fatal_exit(agent: Agent) -> String {
     let stopped = tokio::time::timeout(std::time::Duration::from_secs(60), agent.wait())
@@ -71,8 +83,22 @@ async fn a_fatal_results_producer_stops_the_agent_with_nothing_committed() {
     let env = env_on(&cluster, "b1").await;
     break_sequences(&cluster);
     let agent = env.start(ARGS).await;
+    let (url, _stop) = endpoints(&agent).await;
     env.wait_count("SELECT count(*) FROM processed_request", 1, 30)
         .await;
+    // Health reports the stop at once, so an orchestrator restarts it even mid-drain.
+    wait_for("healthz reports the fatal stop", 60, async || {
+        http_get(&format!("{url}/healthz")).await.0 == 503
+    })
+    .await;
+    let (status, body) = http_get(&format!("{url}/readyz")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("fatal"), "{body}");
+    let fatal = agent
+        .metrics
+        .fatal_errors
+        .with_label_values(&["deployment_error"]);
+    assert_eq!(fatal.get(), 1, "one fatal stop counted");
     let err = fatal_exit(agent).await;
     assert!(err.contains("fatal"), "{err}");
     assert_eq!(

@@ -90,7 +90,7 @@ fn prometheus_config_scrapes_the_agent_and_loads_the_rules() {
 #[test]
 fn rules_reference_only_exported_metrics() {
     let rules = read("prometheus/rules.yml");
-    let exported = read("src/metrics.rs");
+    let exported = exported();
     let mut referenced = BTreeSet::new();
     let mut rest = rules.as_str();
     while let Some(start) = rest.find("persistence_agent_") {
@@ -113,7 +113,7 @@ fn rules_reference_only_exported_metrics() {
 #[test]
 fn dashboard_queries_use_exported_metrics() {
     let dashboard = dashboard();
-    let exported = read("src/metrics.rs");
+    let exported = exported();
     let recorded = recorded_rules();
     let mut exprs = Vec::new();
     collect_exprs(&dashboard, &mut exprs);
@@ -288,18 +288,22 @@ fn recorded_rules() -> BTreeSet<String> {
         .collect()
 }
 
-/// Whether `name` is a metric the agent declares in src/metrics.rs: its name without the
-/// namespace appears there as a string literal (histograms also expose _bucket, _sum, _count).
-fn is_exported(name: &str, metrics_rs: &str) -> bool {
-    let Some(base) = name.strip_prefix("persistence_agent_") else {
-        return false;
-    };
-    let declared = |n: &str| metrics_rs.contains(&format!("\"{n}\""));
-    declared(base)
+/// The full name of every metric in the agent's registry, observed yet or not.
+fn exported() -> BTreeSet<String> {
+    persistence_agent::ops::metrics::Metrics::new()
+        .names()
+        .into_iter()
+        .collect()
+}
+
+/// Whether `name` is a metric the agent registers (histograms also expose _bucket, _sum and
+/// _count).
+fn is_exported(name: &str, exported: &BTreeSet<String>) -> bool {
+    exported.contains(name)
         || ["_bucket", "_sum", "_count"]
             .iter()
-            .filter_map(|suffix| base.strip_suffix(suffix))
-            .any(declared)
+            .filter_map(|suffix| name.strip_suffix(suffix))
+            .any(|base| exported.contains(base))
 }
 
 /// Every panel object, rows and panels nested in collapsed rows included.

@@ -22,13 +22,19 @@ fn age(env: &Envelope) -> Option<f64> {
     Some(Utc::now().timestamp_millis().saturating_sub(ts).max(0) as f64 / 1000.0)
 }
 
+/// Counts the outcome and observes its latency; a duplicate's latency counts as `persisted`
+/// (its confirmation is the same).
 fn count_outcome(m: &Metrics, env: &Envelope, label: &str) {
     m.outcomes
         .with_label_values(&[&env.origin.topic, label])
         .inc();
+    let latency = match label {
+        outcome::DUPLICATE => outcome::PERSISTED,
+        other => other,
+    };
     if let Some(age) = age(env) {
         m.end_to_end_latency
-            .with_label_values(&[label])
+            .with_label_values(&[latency])
             .observe(age);
     }
 }
@@ -49,23 +55,39 @@ impl Emit for Consumed<'_> {
     }
 }
 
-/// Written to the database now (`duplicate`: found in the ledger, nothing written).
-pub struct Persisted<'a> {
+/// A request the transaction settled: written now, or found in the ledger.
+pub struct Settled<'a> {
     pub env: &'a Envelope,
     pub result: &'a PersistenceResult,
-    pub duplicate: bool,
     /// Transaction attempts it took.
     pub attempts: u32,
     /// For a request that succeeded from a retry tier: the tier's label.
     pub from_tier: Option<String>,
 }
 
+/// Written to the database now.
+pub struct Persisted<'a>(pub Settled<'a>);
+
+/// Found in the ledger (a redelivery or a re-publish): nothing written, the stored
+/// confirmation repeated.
+pub struct Duplicate<'a>(pub Settled<'a>);
+
 impl Emit for Persisted<'_> {
     fn emit(self, m: &Metrics) {
-        let (label, action) = match self.duplicate {
-            true => (outcome::DUPLICATE, "RECOMMENDATION_DUPLICATE"),
-            false => (outcome::PERSISTED, "RECOMMENDATION_PERSISTED"),
-        };
+        self.0
+            .report(m, outcome::PERSISTED, "RECOMMENDATION_PERSISTED");
+    }
+}
+
+impl Emit for Duplicate<'_> {
+    fn emit(self, m: &Metrics) {
+        self.0
+            .report(m, outcome::DUPLICATE, "RECOMMENDATION_DUPLICATE");
+    }
+}
+
+impl Settled<'_> {
+    fn report(&self, m: &Metrics, label: &str, action: &str) {
         count_outcome(m, self.env, label);
         if let Some(tier) = &self.from_tier {
             let since = self.env.first_failure.map_or(0.0, |t| {

@@ -221,14 +221,16 @@ impl Pipeline {
             let tier = (env.attempt as usize - 1).min(tiers - 1);
             self.router.topology.label(tier)
         });
-        events::Persisted {
+        let settled = events::Settled {
             env,
             result: &p.result,
-            duplicate: p.written == Written::Duplicate,
             attempts: p.attempts,
             from_tier,
+        };
+        match p.written {
+            Written::Duplicate => events::Duplicate(settled).emit(&self.metrics),
+            _ => events::Persisted(settled).emit(&self.metrics),
         }
-        .emit(&self.metrics);
         p.result
     }
 
