@@ -9,7 +9,7 @@ use super::waits::FIRST_HOLD;
 use super::{Pipeline, Settled};
 use crate::classify::Failure;
 use crate::message::envelope::Envelope;
-use crate::ops::events::{Dependency, Emit, HeldForOutage};
+use crate::ops::events::Dependency;
 use crate::route::{self, Destination};
 
 impl Pipeline {
@@ -72,14 +72,7 @@ impl Pipeline {
                 return Settled::Abandoned;
             }
             let error = format!("{}: {e}", dest.topic());
-            let dependency = Dependency::Brokers;
-            HeldForOutage {
-                dependency,
-                retry_in: delay,
-                error: &error,
-            }
-            .emit(&self.metrics);
-            if !self.hold(&mut delay).await {
+            if !self.held(Dependency::Brokers, &mut delay, &error).await {
                 return Settled::Abandoned;
             }
         }

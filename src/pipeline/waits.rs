@@ -23,6 +23,23 @@ const WRITABLE_SQL: &str =
     "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'";
 
 impl Pipeline {
+    /// Reports the message held for `dependency`, then waits as `hold` does.
+    pub(super) async fn held(
+        &self,
+        dependency: Dependency,
+        delay: &mut Duration,
+        error: &str,
+    ) -> bool {
+        let retry_in = *delay;
+        HeldForOutage {
+            dependency,
+            retry_in,
+            error,
+        }
+        .emit(&self.metrics);
+        self.hold(delay).await
+    }
+
     /// Waits `delay` (then doubles it, up to `MAX_HOLD`), or returns false once shutdown begins.
     pub(super) async fn hold(&self, delay: &mut Duration) -> bool {
         tokio::select! {
@@ -42,14 +59,10 @@ impl Pipeline {
                 Ok((req, _encoding)) => return Ok(req),
                 Err(e @ DecodeError::RegistryUnavailable(_)) => {
                     let error = e.to_string();
-                    let dependency = Dependency::SchemaRegistry;
-                    HeldForOutage {
-                        dependency,
-                        retry_in: delay,
-                        error: &error,
-                    }
-                    .emit(&self.metrics);
-                    if !self.hold(&mut delay).await {
+                    if !self
+                        .held(Dependency::SchemaRegistry, &mut delay, &error)
+                        .await
+                    {
                         let mut f = Failure::from(&e);
                         f.disposition = Disposition::Outage;
                         return Err(f);
@@ -71,12 +84,11 @@ impl Pipeline {
         let mut busy = FIRST_HOLD;
         loop {
             let outcome = self.persister.persist(req, request_id, source).await;
-            if outcome
-                .as_ref()
-                .err()
-                .is_some_and(Failure::waits_for_connection)
-            {
-                if !self.hold(&mut busy).await {
+            if let Some(f) = outcome.as_ref().err().filter(|f| f.waits_for_connection()) {
+                if !self
+                    .held(Dependency::Connection, &mut busy, &f.message)
+                    .await
+                {
                     return outcome.map_err(|mut f| {
                         f.disposition = Disposition::Outage;
                         f
