@@ -72,8 +72,9 @@ async fn persists_json_request_end_to_end() {
             .await,
         1
     );
+    env.assert_written_once(1).await;
     assert_eq!(
-        env.count("SELECT count(*) FROM processed_request WHERE request_id = 'req-456'")
+        env.count("SELECT count(*) FROM recommendation WHERE request_id = 'req-456'")
             .await,
         1
     );
@@ -408,8 +409,34 @@ async fn backpressure_pause_and_resume_lose_nothing() {
     // record per batch: tansu 0.6 answers a fetch from inside a multi-record batch with nothing,
     // where Apache Kafka returns the batch.)
     let agent = env.start(&["--max-in-flight=20", "--workers=4"]).await;
+    // Samples the consumer's gauges while it works: the bound holds and pausing happens.
+    let metrics = agent.metrics.clone();
+    let topic = env.topic.clone();
+    let sampler = tokio::spawn(async move {
+        let (mut max_in_flight, mut max_paused) = (0, 0);
+        loop {
+            let in_flight = metrics.in_flight.with_label_values(&["main"]).get();
+            let paused = metrics.paused_partitions.with_label_values(&["main"]).get();
+            max_in_flight = max_in_flight.max(in_flight);
+            max_paused = max_paused.max(paused);
+            if metrics.outcome_count(&topic, outcome::PERSISTED) >= 400 {
+                return (max_in_flight, max_paused);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    });
     env.wait_count("SELECT count(*) FROM recommendation", 400, 120)
         .await;
+    let (max_in_flight, max_paused) = sampler.await.unwrap();
+    assert!(
+        max_in_flight <= 20,
+        "{max_in_flight} messages in flight, bound 20"
+    );
+    assert!(
+        max_in_flight >= 10,
+        "the bound was never approached: {max_in_flight}"
+    );
+    assert_eq!(max_paused, 2, "both partitions paused at the bound");
     let metrics = agent.metrics.clone();
     stop(agent).await;
     assert_eq!(

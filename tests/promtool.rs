@@ -292,7 +292,8 @@ fn recorded_rules() -> BTreeSet<String> {
 fn exported() -> BTreeSet<String> {
     persistence_agent::ops::metrics::Metrics::new()
         .names()
-        .into_iter()
+        .iter()
+        .cloned()
         .collect()
 }
 

@@ -107,12 +107,15 @@ macro_rules! metrics {
     )*) => {
         pub struct Metrics {
             registry: Registry,
+            /// The full name of every metric the registry accepted.
+            registered: Vec<String>,
             $(pub $field: $ty,)*
         }
 
         impl Metrics {
             pub fn new() -> Self {
                 let registry = Registry::new();
+                let mut registered = Vec::new();
                 $(
                     let labels: &[&str] = &[$($($label),*)?];
                     let buckets: Option<&[f64]> = None $(.or(Some($buckets)))?;
@@ -120,19 +123,18 @@ macro_rules! metrics {
                     registry
                         .register(Box::new($field.clone()))
                         .expect("metric names are unique");
+                    registered.extend($field.desc().iter().map(|d| d.fq_name.clone()));
                 )*
-                let m = Self { registry, $($field,)* };
+                let m = Self { registry, registered, $($field,)* };
                 m.build_info
                     .with_label_values(&[env!("CARGO_PKG_VERSION"), env!("GIT_SHA")])
                     .set(1);
                 m
             }
 
-            /// The full name of every registered metric, observed yet or not.
-            pub fn names(&self) -> Vec<String> {
-                let mut out = Vec::new();
-                $(out.extend(self.$field.desc().iter().map(|d| d.fq_name.clone()));)*
-                out
+            /// The full name of every metric the registry accepted, observed yet or not.
+            pub fn names(&self) -> &[String] {
+                &self.registered
             }
         }
     };

@@ -83,6 +83,72 @@ pub struct Env {
     pub results: String,
     pub group: String,
     pub pg: tokio_postgres::Client,
+    /// Schemas dropped when the test ends (its own, and any `fresh_schema`).
+    schemas: std::sync::Mutex<Vec<String>>,
+    /// Whether its topics live on a broker that outlives the test (not a mock cluster).
+    owns_topics: bool,
+}
+
+/// Drops what the test created, even when it panicked: its schemas and its topics (every
+/// topic named after its input or results topic: tiers and dead letters too).
+impl Drop for Env {
+    fn drop(&mut self) {
+        let schemas = std::mem::take(&mut *self.schemas.lock().unwrap());
+        let topics = match self.owns_topics {
+            true => vec![self.topic.clone(), self.results.clone()],
+            false => vec![],
+        };
+        let (db_url, brokers) = (self.db_url.clone(), self.brokers.clone());
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(drop_schemas(&db_url, &schemas));
+            rt.block_on(delete_topics(&brokers, &topics));
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Drops `schemas`; gives up quietly on a database that is gone (a stopped throwaway cluster).
+async fn drop_schemas(db_url: &str, schemas: &[String]) {
+    let connect = tokio_postgres::connect(db_url, tokio_postgres::NoTls);
+    let Ok(Ok((c, conn))) = tokio::time::timeout(Duration::from_secs(5), connect).await else {
+        return;
+    };
+    tokio::spawn(conn);
+    let _ = c.batch_execute("SET lock_timeout = '5s'").await;
+    for s in schemas {
+        let _ = c
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{s}\" CASCADE"))
+            .await;
+    }
+}
+
+/// Deletes every topic whose name starts with one of `prefixes`.
+async fn delete_topics(brokers: &str, prefixes: &[String]) {
+    if prefixes.is_empty() {
+        return;
+    }
+    let Ok(admin) = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create::<AdminClient<DefaultClientContext>>()
+    else {
+        return;
+    };
+    let Ok(md) = admin.inner().fetch_metadata(None, Duration::from_secs(5)) else {
+        return;
+    };
+    let doomed: Vec<String> = md
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+        .collect();
+    let names: Vec<&str> = doomed.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
+    let _ = tokio::time::timeout(Duration::from_secs(10), admin.delete_topics(&names, &opts)).await;
 }
 
 impl Env {
@@ -96,7 +162,8 @@ impl Env {
 
     /// On the given database and brokers.
     pub async fn with(db_url: String, brokers: String, partitions: i32) -> Env {
-        let env = Env::without_topics(db_url, brokers).await;
+        let mut env = Env::without_topics(db_url, brokers).await;
+        env.owns_topics = true;
         create_topics(&env.brokers, &[(&env.topic, partitions), (&env.results, 1)]).await;
         env
     }
@@ -119,7 +186,10 @@ impl Env {
             results,
             group: unique("group"),
             pg,
+            schemas: std::sync::Mutex::new(vec![]),
+            owns_topics: false,
         };
+        env.schemas.lock().unwrap().push(env.schema.clone());
         env.migrate().await;
         env.pg
             .batch_execute(&format!("SET search_path = {}", env.schema))
@@ -249,6 +319,61 @@ impl Env {
         committed(&self.brokers, &self.group, &self.topic, p)
     }
 
+    /// A new schema name, not created yet, dropped when the test ends.
+    pub fn fresh_schema(&self) -> String {
+        let s = unique("t");
+        self.schemas.lock().unwrap().push(s.clone());
+        s
+    }
+
+    /// How many records `topic` holds (the sum of its partitions' high watermarks): exact, where
+    /// reading until a quiet second is not.
+    pub fn topic_len(&self, topic: &str) -> i64 {
+        topic_len(&self.brokers, topic)
+    }
+
+    /// Waits until the agent's group committed `total` offsets over `partitions` input
+    /// partitions: every message before them has its outcome.
+    pub async fn wait_committed(&self, partitions: i32, total: i64, secs: u64) {
+        wait_for("offsets committed", secs, async || {
+            (0..partitions)
+                .map(|p| self.committed(p).unwrap_or(0))
+                .sum::<i64>()
+                == total
+        })
+        .await;
+    }
+
+    /// Each of the `requests` in the ledger was written once: one recommendation, one audit
+    /// row, and no recommendation without a ledger entry. (Counting the ledger alone cannot
+    /// find a double: its primary key forbids one.)
+    pub async fn assert_written_once(&self, requests: i64) {
+        let checks = [
+            ("SELECT count(*) FROM processed_request", "ledger entries"),
+            ("SELECT count(*) FROM recommendation", "recommendations"),
+            (
+                "SELECT count(DISTINCT request_id) FROM recommendation",
+                "requests with a recommendation",
+            ),
+            (
+                "SELECT count(*) FROM recommendation r JOIN processed_request p
+                   ON p.recommendation_id = r.id AND p.request_id = r.request_id",
+                "recommendations of their ledger entry",
+            ),
+            (
+                "SELECT count(*) FROM audit_log WHERE entity_type = 'recommendation'",
+                "audit rows",
+            ),
+            (
+                "SELECT count(DISTINCT entity_id) FROM audit_log WHERE entity_type = 'recommendation'",
+                "audited recommendations",
+            ),
+        ];
+        for (sql, what) in checks {
+            assert_eq!(self.count(sql).await, requests, "{what}: one per request");
+        }
+    }
+
     pub fn results(&self, n: usize) -> Vec<PersistenceResult> {
         read(&self.brokers, &self.results, n, Duration::from_secs(30))
             .into_iter()
@@ -350,6 +475,28 @@ pub fn committed(brokers: &str, group: &str, topic: &str, partition: i32) -> Opt
         Some(Offset::Offset(o)) => Some(o),
         _ => None,
     }
+}
+
+/// The sum of the high watermarks of `topic`'s partitions.
+pub fn topic_len(brokers: &str, topic: &str) -> i64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    let partitions = md
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len() as i32);
+    (0..partitions)
+        .map(|p| {
+            c.fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
+        .sum()
 }
 
 /// Reads `n` messages from partition 0 of `topic` from the beginning: (key, value).
