@@ -152,15 +152,18 @@ async fn migrations_are_idempotent_and_safe_when_replicas_start_together() {
     // A schema nobody migrated yet: four replicas race to create and migrate it.
     let fresh = env.fresh_schema();
     let db = env.run_args(&[&format!("--database-schema={fresh}")]).db;
-    let runs = (0..4).map(|_| {
-        let db = db.clone();
-        tokio::spawn(async move {
-            persistence_agent::persist::db::migrate(
-                &persistence_agent::persist::db::pool(&db).unwrap(),
-            )
-            .await
-        })
-    });
+    // Each replica connected first, then all start at once, so their transactions overlap.
+    let start = Arc::new(tokio::sync::Barrier::new(4));
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let pool = persistence_agent::persist::db::pool(&db).unwrap();
+        drop(pool.get().await.expect("connects"));
+        let start = start.clone();
+        runs.push(tokio::spawn(async move {
+            start.wait().await;
+            persistence_agent::persist::db::migrate(&pool).await
+        }));
+    }
     let all: Vec<i64> = persistence_agent::persist::db::MIGRATIONS
         .iter()
         .map(|(v, ..)| *v)

@@ -55,12 +55,20 @@ pub fn pool(args: &DatabaseArgs) -> anyhow::Result<Pool> {
 pub async fn migrate(pool: &Pool) -> anyhow::Result<Vec<i64>> {
     let mut client = pool.get().await?;
     if let Some(schema) = schema_to_create(&client).await? {
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {}",
-                quote_ident(&schema)
-            ))
-            .await?;
+        // Replicas starting together would race to create it (a unique violation in the
+        // catalogue, IF NOT EXISTS notwithstanding): one creates it, the others wait.
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1 || $2))",
+            &[&schema, &MIGRATION_LOCK_KEY],
+        )
+        .await?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(&schema)
+        ))
+        .await?;
+        tx.commit().await?;
     }
     let tx = client.transaction().await?;
     // Transaction-scoped, so a crashed migrator never leaves the lock held.
@@ -113,8 +121,7 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// The catalogue `produce --sample` draws from: book-001 … book-100.
-/// Books in the sample catalogue (ids 1..=100), which `produce --sample` requests draw from.
+/// Books in the sample catalogue (book-001 … book-100), which `produce --sample` draws from.
 pub const SAMPLE_BOOKS: u32 = 100;
 
 pub async fn insert_sample_catalogue(pool: &Pool) -> anyhow::Result<u64> {
