@@ -89,10 +89,18 @@ pub struct Env {
     owns_topics: bool,
 }
 
-/// Drops what the test created, even when it panicked: its schemas and its topics (every
-/// topic named after its input or results topic: tiers and dead letters too).
+/// Drops what the test created: its schemas and its topics (every topic named after its input
+/// or results topic: tiers and dead letters too). A failed test keeps them for inspection (and
+/// its agent may still be running: dropping its tables under it would only add noise).
 impl Drop for Env {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "test failed: schema {} and topic {} kept",
+                self.schema, self.topic
+            );
+            return;
+        }
         let schemas = std::mem::take(&mut *self.schemas.lock().unwrap());
         let topics = match self.owns_topics {
             true => vec![self.topic.clone(), self.results.clone()],
