@@ -67,6 +67,6 @@ out=$(PGOPTIONS="-c search_path=$schema" pgbench "$DATABASE_URL" -n -M extended 
   -f "$work/books1.sql" -f "$work/books2.sql" -f "$work/books3.sql" -f "$work/books4.sql" \
   -f "$work/books5.sql" 2>&1) || { echo "$out" >&2; exit 1; }
 tps=$(awk '/^tps = / {print $3}' <<<"$out")
-retried=$(awk '/number of transactions retried:/ {print $5}' <<<"$out")
-failed=$(awk '/number of failed transactions:/ {print $5}' <<<"$out")
+retried=$(awk '/number of transactions retried:/ {print $5; exit}' <<<"$out")
+failed=$(awk '/number of failed transactions:/ {print $5; exit}' <<<"$out")
 printf 'pgbench %.0f tps (%s clients, %s retried, %s failed, %s s)\n' "$tps" "$clients" "${retried:-0}" "${failed:-0}" "$secs"

@@ -40,6 +40,8 @@ pub mod class {
     pub const REGISTRY: &str = "schema_registry_unavailable";
     pub const DEPLOYMENT: &str = "deployment_error";
     pub const DATABASE: &str = "database_error";
+    /// A Kafka producer that can no longer produce (librdkafka's fatal error, fencing): fatal.
+    pub const PRODUCER: &str = "producer_error";
     /// A broken invariant of the agent itself (a panic, a stopped worker): fatal.
     pub const INTERNAL: &str = "internal_error";
 }
@@ -111,7 +113,7 @@ impl Failure {
     /// A Kafka producer that can no longer produce anything.
     pub fn producer_fatal(message: String) -> Self {
         Self::new(
-            class::DEPLOYMENT,
+            class::PRODUCER,
             "producer_fatal",
             message,
             Disposition::Fatal,

@@ -138,12 +138,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state = http::HttpState::of(&agent);
     let server = tokio::spawn(http::serve(listener, state, http_stop.clone()));
     let shutdown = agent.shutdown.clone();
+    let signalled = tokio_util::sync::CancellationToken::new();
+    let on_signal = signalled.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("signal received: stopping consumption");
+        on_signal.cancel();
         shutdown.cancel();
     });
     let outcome = agent.wait().await;
+    // After a signal (even one during the drain) the orchestrator wants the process gone.
+    if outcome.is_err() && !args.fatal_linger.is_zero() && !signalled.is_cancelled() {
+        tracing::info!(linger = ?args.fatal_linger, "serving /metrics before exiting on the fatal error");
+        tokio::select! {
+            _ = tokio::time::sleep(args.fatal_linger) => {}
+            _ = signalled.cancelled() => {}
+        }
+    }
     http_stop.cancel();
     if let Ok(Err(e)) = server.await {
         tracing::error!(error = %e, "http server failed");

@@ -97,8 +97,12 @@ async fn a_fatal_results_producer_stops_the_agent_with_nothing_committed() {
     let fatal = agent
         .metrics
         .fatal_errors
-        .with_label_values(&["deployment_error"]);
-    assert_eq!(fatal.get(), 1, "one fatal stop counted");
+        .with_label_values(&["producer_error"]);
+    assert_eq!(
+        fatal.get(),
+        1,
+        "one fatal stop counted, as a producer error"
+    );
     let err = fatal_exit(agent).await;
     assert!(err.contains("fatal"), "{err}");
     assert_eq!(

@@ -1,12 +1,13 @@
 //! The agent as a process: killed mid-stream it loses nothing and duplicates nothing; stopped
-//! with SIGTERM it drains, commits and exits 0.
+//! with SIGTERM it drains, commits and exits 0; stopped by a fatal error it keeps serving its
+//! metrics for `FATAL_LINGER`, then exits 1.
 
 mod common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{request, stop, wait_for, Env};
+use common::{request, sample, stop, wait_for, Env};
 use persistence_agent::ops::metrics::outcome;
 
 fn spawn_agent(env: &Env, extra_env: &[(&str, &str)]) -> Child {
@@ -119,5 +120,73 @@ async fn sigterm_drains_commits_and_exits_zero() {
         env.committed(0),
         Some(5),
         "offsets committed synchronously at shutdown"
+    );
+}
+
+/// GET `url` without panicking while the process is still starting or already gone.
+async fn try_get(url: &str) -> Option<(u16, String)> {
+    let resp = reqwest::get(url).await.ok()?;
+    Some((resp.status().as_u16(), resp.text().await.ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_stop_serves_its_metrics_for_the_linger_then_exits_one() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = spawn_agent(&env, &[("HTTP_ADDR", &addr), ("FATAL_LINGER", "8s")]);
+    wait_for("the agent is ready", 60, async || {
+        try_get(&format!("{url}/readyz"))
+            .await
+            .is_some_and(|r| r.0 == 200)
+    })
+    .await;
+    // A table the deployment lost: every message would fail alike, so the agent stops.
+    env.pg.batch_execute("DROP TABLE audit_log").await.unwrap();
+    env.produce(
+        "u",
+        request("u", Some("r-1"), &[("b1", 0.4)])
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    wait_for("healthz reports the fatal stop", 60, async || {
+        try_get(&format!("{url}/healthz"))
+            .await
+            .is_some_and(|r| r.0 == 503)
+    })
+    .await;
+    let stopped = Instant::now();
+    let (status, body) = try_get(&format!("{url}/metrics"))
+        .await
+        .expect("metrics served");
+    assert_eq!(status, 200);
+    let fatal = sample(
+        &body,
+        "persistence_agent_fatal_errors_total",
+        &[("class", "deployment_error")],
+    );
+    assert_eq!(fatal, Some(1.0), "the fatal stop is scrapeable");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still serving during the linger"
+    );
+    let status = wait_exit(&mut child, 60);
+    assert_eq!(status.code(), Some(1), "a fatal stop exits non-zero");
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(5),
+        "exited before the linger ended"
+    );
+    assert_eq!(
+        env.committed(0),
+        None,
+        "the failed message was not committed"
     );
 }

@@ -310,13 +310,13 @@ async fn keeps_key_order_while_a_request_is_parked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_retry_consumer_recomputes_due_times() {
     let env = Env::new(1).await;
-    let agent = env.start(&["--retry-delays=20s"]).await;
+    let agent = env.start(&["--retry-delays=45s"]).await;
     env.produce(
         "u1",
         &json(request("u1", Some("restart"), &[("b-late", 0.5)])),
     )
     .await;
-    let waiting = env.records(&env.tier_topic("20s"), 1, 30).remove(0);
+    let waiting = env.records(&env.tier_topic("45s"), 1, 30).remove(0);
     stop(agent).await;
     env.books(&["b-late"]).await;
     // The delay is long next to a restart (seconds): a retry consumer that ignored due times
@@ -328,7 +328,7 @@ async fn restarted_retry_consumer_recomputes_due_times() {
     );
 
     // A separate retry-only deployment takes over the waiting message.
-    let agent = env.start(&["--retry-delays=20s", "--role=retry"]).await;
+    let agent = env.start(&["--retry-delays=45s", "--role=retry"]).await;
     env.wait_count("SELECT count(*) FROM recommendation", 1, 60)
         .await;
     let persisted_ms: f64 = env

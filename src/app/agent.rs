@@ -11,7 +11,7 @@ use crate::decode::Decoder;
 use crate::kafka::due::DueGate;
 use crate::kafka::worker::worker;
 use crate::kafka::{AgentContext, PollLoop, Shared};
-use crate::ops::config::{ClientRole, RunArgs};
+use crate::ops::config::{ClientRole, RunArgs, DEFAULT_QUEUED_MAX_KBYTES};
 use crate::ops::lifecycle::Lifecycle;
 use crate::ops::metrics::Metrics;
 use crate::persist::Persister;
@@ -181,9 +181,12 @@ fn start_consumer(
         workers,
         life: pipeline.life.clone(),
         max_in_flight: args.max_in_flight.max(1),
+        max_in_flight_bytes: args.max_in_flight_bytes.max(1),
+        stall_pause_after: args.stall_pause_after,
         shutdown_timeout: args.shutdown_timeout,
         gate,
         paused: false,
+        full_since: None,
     };
     tracing::info!(consumer = name, group, ?topics, "consumer starting");
     Ok((shared, tokio::task::spawn_blocking(move || poll_loop.run())))
@@ -267,6 +270,9 @@ fn consumer(
         ("auto.offset.reset", "earliest"),
         ("enable.partition.eof", "false"),
         ("statistics.interval.ms", "15000"),
+        // librdkafka's prefetch queue, per consumer (its default is 64 MiB): with the agent's
+        // own in-flight bound it caps the memory a backlog can take.
+        ("queued.max.messages.kbytes", DEFAULT_QUEUED_MAX_KBYTES),
     ];
     let mut cfg = args.kafka.client_config(ClientRole::Consumer, &defaults)?;
     // Not overridable: offsets are stored only once a message's outcome is durable.

@@ -1,5 +1,5 @@
-//! Metrics and health endpoints: `/metrics`, `/healthz` (process alive), `/readyz` (joined the
-//! consumer group, database answers, not draining).
+//! Metrics and health endpoints: `/metrics`, `/healthz` (alive: no fatal stop), `/readyz`
+//! (joined the consumer group, database answers, not draining, no fatal stop).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,8 +76,8 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-/// Alive unless a fatal error stopped the agent: an orchestrator then restarts it even if the
-/// process has not exited yet (its drain can take `SHUTDOWN_TIMEOUT`).
+/// Alive unless a fatal error stopped the agent; the process then exits once its drain and
+/// `FATAL_LINGER` are over, or sooner when the orchestrator's liveness probe gives up on it.
 async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
     match s.life.fatal() {
         None => (StatusCode::OK, "ok".to_string()),

@@ -1,11 +1,12 @@
 //! The poll loop: one thread owns the consumer, hands each message to a worker (same key,
-//! same worker, so a key's requests stay in order), pauses for backpressure and outages, and
-//! holds retry-tier partitions until their next message is due.
+//! same worker, so a key's requests stay in order), stops taking messages at the in-flight
+//! bounds, pauses for outages and stalls, and holds retry-tier partitions until their next
+//! message is due.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
@@ -14,7 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::due::DueGate;
 use super::rebalance::{AgentContext, Shared};
-use super::worker::Job;
+use super::worker::{size, Job};
 use crate::classify::Failure;
 use crate::message::headers;
 use crate::ops::lifecycle::Lifecycle;
@@ -25,12 +26,21 @@ pub struct PollLoop {
     pub workers: Vec<UnboundedSender<Job>>,
     pub life: Arc<Lifecycle>,
     pub max_in_flight: usize,
+    pub max_in_flight_bytes: usize,
+    /// How long the loop may wait at an in-flight bound with nothing finishing before it pauses
+    /// the partitions instead: a wait serves no rebalance and no `max.poll.interval.ms`, a
+    /// pause serves both but drops librdkafka's fetched messages, which are fetched again.
+    pub stall_pause_after: Duration,
     pub shutdown_timeout: Duration,
     /// Retry-tier consumers hold each partition until its next message is due.
     pub gate: Option<DueGate>,
-    /// All assigned partitions are paused (backpressure or a database outage).
+    /// All assigned partitions are paused (a stall or a database outage).
     pub paused: bool,
+    /// Since when an in-flight bound has held with nothing finishing.
+    pub full_since: Option<Instant>,
 }
+
+const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 
 impl PollLoop {
     /// Runs on a dedicated thread until shutdown; then drains, commits and closes the consumer.
@@ -39,9 +49,20 @@ impl PollLoop {
         while !shutdown.is_cancelled() {
             self.shared.apply_ready(&self.consumer);
             self.on_assignment_change();
-            self.backpressure();
+            let full = self.full();
+            self.backpressure(full);
             self.resume_due();
-            match self.consumer.poll(Duration::from_millis(50)) {
+            if full && !self.paused {
+                // At a bound: leave the next messages in librdkafka's queue (bounded by
+                // `queued.max.messages.kbytes`) and take one as soon as a worker finishes, so
+                // the workers never wait for a fetch.
+                if self.shared.apply_next(&self.consumer, POLL_TIMEOUT) {
+                    // Work finishes: not a stall, even if one large message keeps the bytes up.
+                    self.full_since = Some(Instant::now());
+                }
+                continue;
+            }
+            match self.consumer.poll(POLL_TIMEOUT) {
                 None => {}
                 Some(Ok(m)) => self.dispatch(m.detach()),
                 Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
@@ -55,6 +76,7 @@ impl PollLoop {
         self.shared.closing.store(true, Ordering::Release);
         tracing::info!(drained, "offsets committed; closing consumer");
         self.gauge(&self.shared.metrics.in_flight).set(0);
+        self.gauge(&self.shared.metrics.in_flight_bytes).set(0);
     }
 
     /// librdkafka keeps the application's pauses across a rebalance, and every partition
@@ -71,6 +93,7 @@ impl PollLoop {
             tracing::warn!(error = %e, "resume after rebalance failed");
         }
         self.paused = false;
+        self.full_since = None;
         if let Some(g) = &mut self.gate {
             g.clear();
         }
@@ -78,23 +101,40 @@ impl PollLoop {
         self.shared.metrics.delayed_partitions.set(0);
     }
 
-    /// Pauses all assigned partitions above `max_in_flight` or while the database is down, and
-    /// resumes below half of it once it is back; polling goes on meanwhile, so the group
-    /// session and rebalances are served.
-    fn backpressure(&mut self) {
-        let in_flight = self
-            .shared
+    /// Whether an in-flight bound (count or bytes) is reached; updates the gauges.
+    fn full(&mut self) -> bool {
+        let in_flight = self.in_flight();
+        let bytes = self.shared.in_flight_bytes.load(Ordering::Acquire);
+        self.gauge(&self.shared.metrics.in_flight)
+            .set(in_flight as i64);
+        self.gauge(&self.shared.metrics.in_flight_bytes)
+            .set(bytes as i64);
+        let full = in_flight >= self.max_in_flight || bytes >= self.max_in_flight_bytes;
+        self.full_since = match full {
+            true => self.full_since.or_else(|| Some(Instant::now())),
+            false => None,
+        };
+        full
+    }
+
+    fn in_flight(&self) -> usize {
+        self.shared
             .tracker
             .lock()
             .expect("tracker lock")
-            .in_flight();
-        self.gauge(&self.shared.metrics.in_flight)
-            .set(in_flight as i64);
+            .in_flight()
+    }
+
+    /// Pauses all assigned partitions while the database is down, or once the in-flight bound
+    /// has held for `stall_pause_after` with no message finishing (slow transactions), and resumes
+    /// below half the bounds once the database is back; polling goes on while paused, so the
+    /// group session and rebalances are served.
+    fn backpressure(&mut self, full: bool) {
         let outage = self.life.in_outage();
         let want_paused = outage
             || match self.paused {
-                true => in_flight > self.max_in_flight / 2,
-                false => in_flight >= self.max_in_flight,
+                true => self.above_half(),
+                false => self.stalled(full),
             };
         if want_paused == self.paused {
             return;
@@ -112,8 +152,13 @@ impl PollLoop {
             tracing::warn!(error = %e, "pause/resume failed");
             return;
         }
-        if want_paused && outage {
-            tracing::warn!("database unavailable: consumption paused");
+        match (want_paused, outage) {
+            (true, true) => tracing::warn!("database unavailable: consumption paused"),
+            (true, false) => tracing::warn!(
+                after = ?self.stall_pause_after,
+                "no message finished at the in-flight bound: consumption paused"
+            ),
+            (false, _) => tracing::info!("consumption resumed"),
         }
         let count = if want_paused {
             assignment.count() as i64
@@ -123,6 +168,17 @@ impl PollLoop {
         self.gauge(&self.shared.metrics.paused_partitions)
             .set(count);
         self.paused = want_paused;
+    }
+
+    fn stalled(&self, full: bool) -> bool {
+        full && self
+            .full_since
+            .is_some_and(|t| t.elapsed() >= self.stall_pause_after)
+    }
+
+    fn above_half(&self) -> bool {
+        self.in_flight() > self.max_in_flight / 2
+            || self.shared.in_flight_bytes.load(Ordering::Acquire) > self.max_in_flight_bytes / 2
     }
 
     fn gauge(&self, vec: &prometheus::IntGaugeVec) -> prometheus::IntGauge {
@@ -222,6 +278,9 @@ impl PollLoop {
             return;
         }
         let tp = (msg.topic().to_string(), msg.partition());
+        self.shared
+            .in_flight_bytes
+            .fetch_add(size(&msg), Ordering::AcqRel);
         let (epoch, owner) = self
             .shared
             .tracker

@@ -1,7 +1,7 @@
 //! Rebalances and offsets: what happens when partitions are assigned or revoked (drain, close,
 //! commit synchronously), and turning workers' completions into stored offsets.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +20,8 @@ pub struct Completion {
     pub epoch: u64,
     pub offset: i64,
     pub done: bool,
+    /// The message's size, as counted against `MAX_IN_FLIGHT_BYTES` when it was dispatched.
+    pub bytes: usize,
 }
 
 /// How long a revoke waits, after the drain, for work that already acted (and so holds its
@@ -31,6 +33,8 @@ pub struct Shared {
     /// `main` or `retry`: the `consumer` label of this consumer's gauges.
     pub name: &'static str,
     pub(super) tracker: Mutex<OffsetTracker>,
+    /// Bytes of the messages dispatched and not yet reported complete (backpressure).
+    pub(super) in_flight_bytes: AtomicUsize,
     completions: Mutex<Receiver<Completion>>,
     drain_timeout: Duration,
     pub(super) metrics: Arc<Metrics>,
@@ -145,6 +149,7 @@ impl Shared {
         Self {
             name,
             tracker: Mutex::default(),
+            in_flight_bytes: AtomicUsize::new(0),
             completions: Mutex::new(completions),
             drain_timeout,
             metrics,
@@ -161,6 +166,7 @@ impl Shared {
     }
 
     fn apply(&self, consumer: &BaseConsumer<AgentContext>, c: Completion) {
+        self.in_flight_bytes.fetch_sub(c.bytes, Ordering::AcqRel);
         let mut tracker = self.tracker.lock().expect("tracker lock");
         if !c.done {
             tracker.abandoned(&c.tp, c.epoch, c.offset);
@@ -192,6 +198,24 @@ impl Shared {
                 Err(_) => return,
             }
         }
+    }
+
+    /// Waits up to `timeout` for the next completion, then applies every one reported: the
+    /// poll loop's wait while the in-flight bounds are reached. Returns whether one came.
+    pub(super) fn apply_next(
+        &self,
+        consumer: &BaseConsumer<AgentContext>,
+        timeout: Duration,
+    ) -> bool {
+        let next = self
+            .completions
+            .lock()
+            .expect("completions lock")
+            .recv_timeout(timeout);
+        let Ok(c) = next else { return false };
+        self.apply(consumer, c);
+        self.apply_ready(consumer);
+        true
     }
 
     /// Waits until `tps` (all partitions when empty) have nothing in flight, or `timeout`.

@@ -20,6 +20,11 @@ pub struct Job {
     pub owner: Arc<Ownership>,
 }
 
+/// A message's size as the in-flight byte bound counts it.
+pub fn size(msg: &OwnedMessage) -> usize {
+    msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len)
+}
+
 /// What the consumer may do with the message's offset.
 pub enum Handled {
     /// The outcome is durable: the offset may be committed once the result event (if any) is
@@ -54,6 +59,7 @@ pub async fn worker<H: Handle>(
             epoch,
             offset: msg.offset(),
             done: false,
+            bytes: size(&msg),
         };
         // Queued messages of a partition this consumer no longer owns belong to the new owner,
         // and once shutdown begins they are left for the next one.

@@ -1,7 +1,7 @@
 //! The process's stop state, shared by every stage: a graceful shutdown, a fatal error (stop,
 //! commit nothing unfinished, exit non-zero) and the workers waiting out a database outage.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tokio_util::sync::CancellationToken;
@@ -14,6 +14,8 @@ pub struct Lifecycle {
     /// Cancelled at shutdown, and by a fatal error.
     pub shutdown: CancellationToken,
     fatal: OnceLock<String>,
+    /// Set by the first fatal error, which alone is reported.
+    failed: AtomicBool,
     outage_waiters: AtomicUsize,
     metrics: Arc<Metrics>,
 }
@@ -23,6 +25,7 @@ impl Lifecycle {
         Arc::new(Lifecycle {
             shutdown: CancellationToken::new(),
             fatal: OnceLock::new(),
+            failed: AtomicBool::new(false),
             outage_waiters: AtomicUsize::new(0),
             metrics,
         })
@@ -37,10 +40,17 @@ impl Lifecycle {
         self.fatal.get().map(String::as_str)
     }
 
-    /// Stops the agent on `f`: the first reason is kept, and nothing unfinished is committed.
+    /// Stops the agent on `f`: the first reason is kept and reported (later failures are
+    /// usually its echoes), and nothing unfinished is committed. The counter is raised before
+    /// the probes can see the reason, so a scrape after a 503 finds it.
     pub fn fail(&self, f: &Failure) {
-        FatalStop { failure: f }.emit(&self.metrics);
-        let _ = self.fatal.set(format!("{}: {}", f.code, f.message));
+        match self.failed.swap(true, Ordering::AcqRel) {
+            false => {
+                FatalStop { failure: f }.emit(&self.metrics);
+                let _ = self.fatal.set(format!("{}: {}", f.code, f.message));
+            }
+            true => tracing::warn!(class = f.class, error = %f.message, "another fatal error"),
+        }
         self.shutdown.cancel();
     }
 

@@ -156,14 +156,19 @@ metrics! {
         "Duration of one database transaction attempt, BEGIN to COMMIT or ROLLBACK.",
         buckets TXN_BUCKETS;
     end_to_end_latency: HistogramVec = "end_to_end_latency_seconds",
-        "Kafka message timestamp to final outcome, by outcome.",
+        "Kafka message timestamp to its outcome being decided (written, found in the ledger, parked \
+         or routed; a head's release of its parked followers comes after), by outcome.",
         labels ["outcome"], buckets E2E_BUCKETS;
     failures: IntCounterVec = "failures_total",
         "Failed messages by error class.", labels ["class"];
     in_flight: IntGaugeVec = "in_flight_messages",
         "Messages fetched and not yet finished, by consumer (main, retry).", labels ["consumer"];
+    in_flight_bytes: IntGaugeVec = "in_flight_bytes",
+        "Bytes (keys and values) of the messages fetched and not yet finished, by consumer.",
+        labels ["consumer"];
     paused_partitions: IntGaugeVec = "paused_partitions",
-        "Assigned partitions paused for backpressure or a database outage, by consumer (main, retry).",
+        "Assigned partitions paused for a database outage or a stall (the in-flight bound held \
+         for 2 s with nothing finishing), by consumer (main, retry).",
         labels ["consumer"];
     delayed_partitions: IntGauge = "retry_delayed_partitions",
         "Retry-tier partitions paused until their next message is due.";
@@ -201,8 +206,8 @@ metrics! {
     parked_keys_reaped: IntCounter = "parked_keys_reaped_total",
         "Parked keys whose head could no longer be in any retry tier, released by the reaper.";
     fatal_errors: IntCounterVec = "fatal_errors_total",
-        "Fatal errors that stopped the agent (it exits non-zero and commits nothing unfinished), \
-         by class (database, producer, internal).",
+        "Fatal stops of the agent (it exits non-zero and commits nothing unfinished), by the \
+         class of the first fatal error: deployment_error, producer_error or internal_error.",
         labels ["class"];
 }
 

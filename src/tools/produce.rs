@@ -58,6 +58,11 @@ pub struct ProduceArgs {
     #[arg(long)]
     pub sample: bool,
 
+    /// Sample mode: how many distinct users the requests come from (a user's requests share a
+    /// key, so run in order; fewer users, more contention).
+    #[arg(long, default_value_t = DEFAULT_SAMPLE_USERS)]
+    pub users: u32,
+
     /// How many messages (sample mode: default 10; files: every request once); 0 runs until
     /// stopped.
     #[arg(long)]
@@ -105,8 +110,10 @@ pub fn sample_book_id(n: u32) -> String {
     format!("book-{n:03}")
 }
 
-/// A realistic request: one of 50 users, 1-5 distinct catalogue books.
-pub fn sample_request(rng: &mut fastrand::Rng, seq: u64) -> PersistenceRequest {
+pub const DEFAULT_SAMPLE_USERS: u32 = 50;
+
+/// A realistic request: one of `users` users, 1-5 distinct catalogue books.
+pub fn sample_request(rng: &mut fastrand::Rng, seq: u64, users: u32) -> PersistenceRequest {
     let n_books = rng.usize(1..=5);
     let mut ids: Vec<u32> = (1..=SAMPLE_BOOKS).collect();
     rng.shuffle(&mut ids);
@@ -124,7 +131,7 @@ pub fn sample_request(rng: &mut fastrand::Rng, seq: u64) -> PersistenceRequest {
         })
         .collect();
     PersistenceRequest {
-        user_id: format!("user-{}", rng.u32(1..=50)),
+        user_id: format!("user-{}", rng.u32(1..=users.max(1))),
         context: ReaderContext {
             mood: MOODS[rng.usize(..MOODS.len())].into(),
             profile: "avanzado".into(),
@@ -212,8 +219,8 @@ fn read_requests(files: &[PathBuf]) -> anyhow::Result<Vec<PersistenceRequest>> {
 }
 
 /// A poison message of one of three kinds, keyed by a user.
-fn poison(rng: &mut fastrand::Rng, seq: u64) -> (String, Vec<u8>) {
-    let mut req = sample_request(rng, seq);
+fn poison(rng: &mut fastrand::Rng, seq: u64, users: u32) -> (String, Vec<u8>) {
+    let mut req = sample_request(rng, seq, users);
     let payload = match seq % 3 {
         0 => b"\x01not a request".to_vec(),
         1 => {
@@ -252,12 +259,12 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
     let mut i = 0;
     while forever || i < count {
         let (key, payload) = if rng.f64() < args.poison_ratio {
-            poison(&mut rng, i)
+            poison(&mut rng, i, args.users)
         } else if !recent.is_empty() && rng.f64() < args.duplicate_ratio {
             recent[rng.usize(..recent.len())].clone()
         } else {
             let req = match args.sample {
-                true => sample_request(&mut rng, i),
+                true => sample_request(&mut rng, i, args.users),
                 false => requests[(i as usize) % requests.len()].clone(),
             };
             let payload = encode_request(&req, args.format.of(i), args.schema_id)?;

@@ -126,11 +126,14 @@ async fn drop_schemas(db_url: &str, schemas: &[String]) {
         return;
     };
     tokio::spawn(conn);
-    let _ = c.batch_execute("SET lock_timeout = '5s'").await;
+    let _ = c
+        .batch_execute("SET lock_timeout = '5s'; SET statement_timeout = '30s'")
+        .await;
     for s in schemas {
-        let _ = c
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{s}\" CASCADE"))
-            .await;
+        let drop = format!("DROP SCHEMA IF EXISTS \"{s}\" CASCADE");
+        if let Err(e) = c.batch_execute(&drop).await {
+            eprintln!("cleanup: schema {s} left behind: {e}");
+        }
     }
 }
 

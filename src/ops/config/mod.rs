@@ -19,7 +19,14 @@ pub const DEFAULT_TXN_BACKOFF: &str = "100ms,500ms,2000ms";
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
 pub const DEFAULT_WORKERS: usize = 16;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
+/// Short next to `max.poll.interval.ms` (300 s) and a rebalance, long next to a transaction.
+pub const DEFAULT_STALL_PAUSE_AFTER: &str = "2s";
+/// librdkafka's prefetch queue per consumer (`KAFKA_CONFIG_queued.max.messages.kbytes`).
+pub const DEFAULT_QUEUED_MAX_KBYTES: &str = "16384";
 pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "30s";
+/// Two scrapes at the chart's 15 s interval: the fatal-stop counter is seen before the exit.
+pub const DEFAULT_FATAL_LINGER: &str = "30s";
 pub const DEFAULT_REBALANCE_DRAIN_TIMEOUT: &str = "10s";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_RETRY_DELAYS: &str = "5m,30m,2h";
@@ -122,9 +129,21 @@ pub struct RunArgs {
     #[arg(long, env = "WORKERS", default_value_t = DEFAULT_WORKERS)]
     pub workers: usize,
 
-    /// Messages fetched but not finished before consumption pauses (backpressure).
+    /// Messages handed to the workers and not yet finished, per consumer: at the bound the
+    /// poll loop takes the next message only when one finishes (backpressure).
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
+
+    /// The same bound in bytes (keys and values), so large messages cannot take the memory
+    /// that `MAX_IN_FLIGHT` small ones would.
+    #[arg(long, env = "MAX_IN_FLIGHT_BYTES", default_value_t = DEFAULT_MAX_IN_FLIGHT_BYTES)]
+    pub max_in_flight_bytes: usize,
+
+    /// How long an in-flight bound may hold with no message finishing before the partitions
+    /// are paused (which keeps serving rebalances and `max.poll.interval.ms`, but drops what
+    /// librdkafka fetched ahead).
+    #[arg(long, env = "STALL_PAUSE_AFTER", default_value = DEFAULT_STALL_PAUSE_AFTER, value_parser = humantime::parse_duration)]
+    pub stall_pause_after: Duration,
 
     /// Larger message values are rejected as oversize without being decoded.
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
@@ -133,6 +152,12 @@ pub struct RunArgs {
     /// How long SIGTERM/SIGINT waits for in-flight messages before committing and exiting.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// After a fatal stop, how long `/metrics`, `/healthz` and `/readyz` keep answering (503 for
+    /// the probes) before the process exits non-zero, so Prometheus scrapes the fatal-stop
+    /// counter; a signal ends it early. `0s` exits at once.
+    #[arg(long, env = "FATAL_LINGER", default_value = DEFAULT_FATAL_LINGER, value_parser = humantime::parse_duration)]
+    pub fatal_linger: Duration,
 
     /// How long a partition revoke waits for that partition's in-flight messages.
     #[arg(long, env = "REBALANCE_DRAIN_TIMEOUT", default_value = DEFAULT_REBALANCE_DRAIN_TIMEOUT, value_parser = humantime::parse_duration)]
