@@ -6,7 +6,8 @@
 #     6-partition topic, a release build of the agent persists them, and the script prints
 #     requests/s, its ratio to the ceiling, CPU per 1,000 requests, conflict retries and peak RSS.
 #   scripts/bench.sh [N]   N=20000 USERS=10000 FORMAT=mixed WORKERS=16 DATABASE_POOL_SIZE=16
-#                          CEILING_SECONDS=20 (0 skips the ceiling); DATABASE_URL / KAFKA_BROKERS
+#                          CEILING_SECONDS=20 (0 skips the ceiling), PROFILE=<perf.data file>;
+#                          DATABASE_URL / KAFKA_BROKERS
 #                          as scripts/test.sh. Any other agent setting passes through the env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,24 +46,32 @@ $agent run & pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; psql "$DATABASE_URL" -qc "DROP SCHEMA $DATABASE_SCHEMA CASCADE" 2>/dev/null || true' EXIT
 alive() { [ -n "$(ps -o stat= -p "$pid" | grep -v Z)" ] || { echo "agent exited" >&2; exit 1; }; }
 until curl -sf "http://$HTTP_ADDR/healthz" >/dev/null; do alive; sleep 0.1; done
+# Timed from the first outcome: the group join (seconds on tansu) is not throughput.
+while [ "$(metric persistence_agent_outcomes_total)" -lt 1 ]; do alive; sleep 0.05; done
+first=$(date +%s.%N)
+ticks0=$(awk '{print $14 + $15}' /proc/$pid/stat)
+# PROFILE=<file>: perf samples the agent from the first outcome to the last (perf report -i).
+[ -z "${PROFILE:-}" ] || { perf record -q -F 499 -g -p "$pid" -o "$PROFILE" 2>/dev/null & perf_pid=$!; }
 while [ "$(metric persistence_agent_outcomes_total)" -lt "$n" ]; do alive; sleep 0.2; done
 end=$(date +%s.%N)
+[ -z "${perf_pid:-}" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
 hwm=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)
 # utime + stime of the agent, in clock ticks.
 ticks=$(awk '{print $14 + $15}' /proc/$pid/stat)
 hz=$(getconf CLK_TCK)
-secs=$(echo "$end - $start" | bc -l)
+secs=$(echo "$end - $first" | bc -l)
+joined=$(echo "$first - $start" | bc -l)
 rate=$(echo "$n / $secs" | bc -l)
 conflicts=$(( $(metric 'persistence_agent_transaction_attempts_total{result="serialization_failure"') + $(metric 'persistence_agent_transaction_attempts_total{result="deadlock"') ))
 txn_sum=$(curl -sf "http://$HTTP_ADDR/metrics" | awk '$1 == "persistence_agent_transaction_duration_seconds_sum" {print $2}')
 txn_count=$(metric persistence_agent_transaction_duration_seconds_count)
 printf 'requests        %d (%s, %d users, 6 partitions, WORKERS=%s, pool=%s)\n' "$n" "$format" "$users" "$workers" "${DATABASE_POOL_SIZE:-16}"
-printf 'elapsed         %.2f s (agent start to last outcome, includes group join)\n' "$secs"
+printf 'elapsed         %.2f s (first outcome to last; start and group join took %.1f s more)\n' "$secs" "$joined"
 if [ -n "$ceiling" ]; then
   printf 'throughput      %.0f requests/s = %.2fx the pgbench ceiling (%s tps)\n' "$rate" "$(echo "$rate / $ceiling" | bc -l)" "$ceiling"
 else
   printf 'throughput      %.0f requests/s\n' "$rate"
 fi
-printf 'agent CPU       %.0f ms per 1,000 requests (%.1f s in all)\n' "$(echo "1000 * $ticks / $hz / $n * 1000" | bc -l)" "$(echo "$ticks / $hz" | bc -l)"
+printf 'agent CPU       %.0f us per request while it ran (%.1f s in all, start-up included)\n' "$(echo "1000000 * ($ticks - $ticks0) / $hz / $n" | bc -l)" "$(echo "$ticks / $hz" | bc -l)"
 printf 'mean txn        %.2f ms over %d attempts (%.1f conflict retries per 1,000)\n' "$(echo "1000 * $txn_sum / $txn_count" | bc -l)" "$txn_count" "$(echo "1000 * $conflicts / $n" | bc -l)"
 printf 'peak RSS        %.1f MiB\n' "$(echo "$hwm / 1024" | bc -l)"

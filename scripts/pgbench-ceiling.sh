@@ -62,7 +62,7 @@ for n in 1 2 3 4 5; do
     echo "\\endpipeline"
   } >"$work/books$n.sql"
 done
-out=$(PGOPTIONS="-c search_path=$schema" pgbench "$DATABASE_URL" -n -M extended \
+out=$(PGOPTIONS="-c search_path=$schema" pgbench "$DATABASE_URL" -n -M "${PGBENCH_MODE:-prepared}" \
   -c "$clients" -j 2 -T "$secs" --max-tries=100 \
   -f "$work/books1.sql" -f "$work/books2.sql" -f "$work/books3.sql" -f "$work/books4.sql" \
   -f "$work/books5.sql" 2>&1) || { echo "$out" >&2; exit 1; }
