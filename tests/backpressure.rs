@@ -7,8 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{request, stop, Env};
-use persistence_agent::ops::metrics::{outcome, Metrics};
+use common::{json, request, stop, Env};
+use persistence_agent::app::agent::Agent;
+use persistence_agent::ops::metrics::outcome;
 
 /// Highest values of the consumer's gauges until `n` requests are persisted.
 #[derive(Debug, Default)]
@@ -18,12 +19,12 @@ struct Peaks {
     paused: i64,
 }
 
-fn sample_until_persisted(
-    metrics: std::sync::Arc<Metrics>,
-    topic: String,
-    n: u64,
-) -> tokio::task::JoinHandle<Peaks> {
-    tokio::spawn(async move {
+/// Starts an agent with `args` and samples its gauges until the `n` requests on the topic are
+/// persisted.
+async fn run_until_persisted(env: &Env, n: u64, args: &[&str]) -> (Agent, Peaks) {
+    let agent = env.start(args).await;
+    let (metrics, topic) = (agent.metrics.clone(), env.topic.clone());
+    let sampler = tokio::spawn(async move {
         let mut peaks = Peaks::default();
         let gauge = |g: &prometheus::IntGaugeVec| g.with_label_values(&["main"]).get();
         while metrics.outcome_count(&topic, outcome::PERSISTED) < n {
@@ -33,17 +34,26 @@ fn sample_until_persisted(
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         peaks
-    })
-}
-
-async fn peaks(sampler: tokio::task::JoinHandle<Peaks>) -> Peaks {
-    tokio::time::timeout(Duration::from_secs(60), sampler)
+    });
+    env.wait_count("SELECT count(*) FROM recommendation", n as i64, 120)
+        .await;
+    let peaks = tokio::time::timeout(Duration::from_secs(60), sampler)
         .await
         .expect("every request counted as persisted once its row is there")
-        .unwrap()
+        .unwrap();
+    (agent, peaks)
 }
 
-async fn finish(env: &Env, agent: persistence_agent::app::agent::Agent, partitions: i32, n: i64) {
+/// Publishes `n` one-book requests of `users` users, ids `{prefix}-{i}`.
+async fn produce_requests(env: &Env, n: usize, users: usize, prefix: &str) {
+    for i in 0..n {
+        let user = format!("u{}", i % users);
+        let req = request(&user, Some(&format!("{prefix}-{i}")), &[("b1", 0.5)]);
+        env.produce(&user, &json(req)).await;
+    }
+}
+
+async fn finish(env: &Env, agent: Agent, partitions: i32, n: i64) {
     let metrics = agent.metrics.clone();
     stop(agent).await;
     assert_eq!(
@@ -59,24 +69,15 @@ async fn finish(env: &Env, agent: persistence_agent::app::agent::Agent, partitio
 async fn at_the_in_flight_bound_it_waits_without_pausing_and_loses_nothing() {
     let env = Env::new(2).await;
     env.books(&["b1"]).await;
-    for i in 0..400 {
-        let user = format!("u{}", i % 40);
-        let req = request(&user, Some(&format!("bp-{i}")), &[("b1", 0.5)]);
-        env.produce(&user, req.to_string().as_bytes()).await;
-    }
+    produce_requests(&env, 400, 40, "bp").await;
     // A stall pause is ruled out (a slow first transaction on a busy machine could cause one):
     // this test is about the bound when work flows.
-    let agent = env
-        .start(&[
-            "--max-in-flight=20",
-            "--workers=4",
-            "--stall-pause-after=60s",
-        ])
-        .await;
-    let sampler = sample_until_persisted(agent.metrics.clone(), env.topic.clone(), 400);
-    env.wait_count("SELECT count(*) FROM recommendation", 400, 120)
-        .await;
-    let p = peaks(sampler).await;
+    let args = [
+        "--max-in-flight=20",
+        "--workers=4",
+        "--stall-pause-after=60s",
+    ];
+    let (agent, p) = run_until_persisted(&env, 400, &args).await;
     assert!(p.in_flight <= 20, "{p:?}: bound 20");
     assert!(p.in_flight >= 10, "{p:?}: the bound was never approached");
     assert!(p.bytes > 0, "{p:?}: in-flight bytes never counted");
@@ -106,17 +107,9 @@ async fn the_byte_bound_holds_large_messages_back() {
     }
     // About four messages' worth: the count bound (1,024) is never the one that holds.
     let bound = 4 * size;
-    let agent = env
-        .start(&[
-            &format!("--max-in-flight-bytes={bound}"),
-            "--workers=8",
-            "--stall-pause-after=60s",
-        ])
-        .await;
-    let sampler = sample_until_persisted(agent.metrics.clone(), env.topic.clone(), 60);
-    env.wait_count("SELECT count(*) FROM recommendation", 60, 120)
-        .await;
-    let p = peaks(sampler).await;
+    let bytes = format!("--max-in-flight-bytes={bound}");
+    let args = [bytes.as_str(), "--workers=8", "--stall-pause-after=60s"];
+    let (agent, p) = run_until_persisted(&env, 60, &args).await;
     // A message is taken while the bytes are below the bound: at most one more on top.
     assert!(
         p.bytes as usize <= bound + size,
@@ -136,22 +129,13 @@ async fn a_bound_that_holds_with_nothing_finishing_pauses_and_resumes() {
     env.books(&["b1"]).await;
     // Each transaction takes 3 s: two in flight hold the bound past the 300 ms stall limit.
     env.slow_transactions(3.0).await;
-    for i in 0..6 {
-        let user = format!("u{i}");
-        let req = request(&user, Some(&format!("st-{i}")), &[("b1", 0.5)]);
-        env.produce(&user, req.to_string().as_bytes()).await;
-    }
-    let agent = env
-        .start(&[
-            "--max-in-flight=2",
-            "--workers=2",
-            "--stall-pause-after=300ms",
-        ])
-        .await;
-    let sampler = sample_until_persisted(agent.metrics.clone(), env.topic.clone(), 6);
-    env.wait_count("SELECT count(*) FROM recommendation", 6, 120)
-        .await;
-    let p = peaks(sampler).await;
+    produce_requests(&env, 6, 6, "st").await;
+    let args = [
+        "--max-in-flight=2",
+        "--workers=2",
+        "--stall-pause-after=300ms",
+    ];
+    let (agent, p) = run_until_persisted(&env, 6, &args).await;
     assert_eq!(p.paused, 1, "{p:?}: the stalled partition paused");
     assert!(p.in_flight <= 2, "{p:?}");
     let paused = agent.metrics.paused_partitions.with_label_values(&["main"]);

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{request, sample, stop, wait_for, Env};
+use common::{json, request, sample, stop, wait_for, Env};
 use persistence_agent::ops::metrics::outcome;
 
 fn spawn_agent(env: &Env, extra_env: &[(&str, &str)]) -> Child {
@@ -133,11 +133,7 @@ async fn try_get(url: &str) -> Option<(u16, String)> {
 async fn a_fatal_stop_serves_its_metrics_for_the_linger_then_exits_one() {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let addr = format!("127.0.0.1:{port}");
     let mut child = spawn_agent(&env, &[("HTTP_ADDR", &addr), ("FATAL_LINGER", "8s")]);
@@ -149,13 +145,8 @@ async fn a_fatal_stop_serves_its_metrics_for_the_linger_then_exits_one() {
     .await;
     // A table the deployment lost: every message would fail alike, so the agent stops.
     env.pg.batch_execute("DROP TABLE audit_log").await.unwrap();
-    env.produce(
-        "u",
-        request("u", Some("r-1"), &[("b1", 0.4)])
-            .to_string()
-            .as_bytes(),
-    )
-    .await;
+    env.produce("u", &json(request("u", Some("r-1"), &[("b1", 0.4)])))
+        .await;
     wait_for("healthz reports the fatal stop", 60, async || {
         try_get(&format!("{url}/healthz"))
             .await

@@ -10,7 +10,7 @@ use crate::decode::schemas::SchemaRegistry;
 use crate::decode::Decoder;
 use crate::kafka::due::DueGate;
 use crate::kafka::worker::worker;
-use crate::kafka::{AgentContext, PollLoop, Shared};
+use crate::kafka::{AgentContext, Limits, PollLoop, Shared};
 use crate::ops::config::{ClientRole, RunArgs, DEFAULT_QUEUED_MAX_KBYTES};
 use crate::ops::lifecycle::Lifecycle;
 use crate::ops::metrics::Metrics;
@@ -175,19 +175,14 @@ fn start_consumer(
             tx
         })
         .collect();
-    let poll_loop = PollLoop {
-        consumer: Arc::new(consumer),
-        shared: shared.clone(),
-        workers,
-        life: pipeline.life.clone(),
-        max_in_flight: args.max_in_flight.max(1),
-        max_in_flight_bytes: args.max_in_flight_bytes.max(1),
+    let limits = Limits {
+        max_in_flight: args.max_in_flight,
+        max_in_flight_bytes: args.max_in_flight_bytes,
         stall_pause_after: args.stall_pause_after,
         shutdown_timeout: args.shutdown_timeout,
-        gate,
-        paused: false,
-        full_since: None,
     };
+    let life = pipeline.life.clone();
+    let poll_loop = PollLoop::new(consumer, shared.clone(), workers, life, limits, gate);
     tracing::info!(consumer = name, group, ?topics, "consumer starting");
     Ok((shared, tokio::task::spawn_blocking(move || poll_loop.run())))
 }

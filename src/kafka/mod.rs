@@ -9,5 +9,5 @@ pub mod rebalance;
 pub mod topics;
 pub mod worker;
 
-pub use poll::PollLoop;
+pub use poll::{Limits, PollLoop};
 pub use rebalance::{AgentContext, Completion, Shared};

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus::IntGauge;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
@@ -15,16 +16,13 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::due::DueGate;
 use super::rebalance::{AgentContext, Shared};
-use super::worker::{size, Job};
+use super::worker::Job;
 use crate::classify::Failure;
 use crate::message::headers;
 use crate::ops::lifecycle::Lifecycle;
 
-pub struct PollLoop {
-    pub consumer: Arc<BaseConsumer<AgentContext>>,
-    pub shared: Arc<Shared>,
-    pub workers: Vec<UnboundedSender<Job>>,
-    pub life: Arc<Lifecycle>,
+/// How much work the loop lets out at once, and how long it waits.
+pub struct Limits {
     pub max_in_flight: usize,
     pub max_in_flight_bytes: usize,
     /// How long the loop may wait at an in-flight bound with nothing finishing before it pauses
@@ -32,17 +30,66 @@ pub struct PollLoop {
     /// pause serves both but drops librdkafka's fetched messages, which are fetched again.
     pub stall_pause_after: Duration,
     pub shutdown_timeout: Duration,
+}
+
+pub struct PollLoop {
+    consumer: Arc<BaseConsumer<AgentContext>>,
+    shared: Arc<Shared>,
+    workers: Vec<UnboundedSender<Job>>,
+    life: Arc<Lifecycle>,
+    limits: Limits,
     /// Retry-tier consumers hold each partition until its next message is due.
-    pub gate: Option<DueGate>,
+    gate: Option<DueGate>,
     /// All assigned partitions are paused (a stall or a database outage).
-    pub paused: bool,
+    paused: bool,
     /// Since when an in-flight bound has held with nothing finishing.
-    pub full_since: Option<Instant>,
+    full_since: Option<Instant>,
+    /// This consumer's gauges, looked up once: the loop sets them on every turn.
+    in_flight: IntGauge,
+    in_flight_bytes: IntGauge,
+    paused_partitions: IntGauge,
 }
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 
+/// A message's size as the in-flight byte bound counts it.
+fn size(msg: &OwnedMessage) -> usize {
+    msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len)
+}
+
 impl PollLoop {
+    pub fn new(
+        consumer: BaseConsumer<AgentContext>,
+        shared: Arc<Shared>,
+        workers: Vec<UnboundedSender<Job>>,
+        life: Arc<Lifecycle>,
+        mut limits: Limits,
+        gate: Option<DueGate>,
+    ) -> Self {
+        limits.max_in_flight = limits.max_in_flight.max(1);
+        limits.max_in_flight_bytes = limits.max_in_flight_bytes.max(1);
+        let gauge = |vec: &prometheus::IntGaugeVec| vec.with_label_values(&[shared.name]);
+        let m = &shared.metrics;
+        let (in_flight, in_flight_bytes, paused_partitions) = (
+            gauge(&m.in_flight),
+            gauge(&m.in_flight_bytes),
+            gauge(&m.paused_partitions),
+        );
+        Self {
+            consumer: Arc::new(consumer),
+            shared,
+            workers,
+            life,
+            limits,
+            gate,
+            paused: false,
+            full_since: None,
+            in_flight,
+            in_flight_bytes,
+            paused_partitions,
+        }
+    }
+
     /// Runs on a dedicated thread until shutdown; then drains, commits and closes the consumer.
     pub fn run(mut self) {
         let shutdown = self.life.shutdown.clone();
@@ -50,7 +97,7 @@ impl PollLoop {
             self.shared.apply_ready(&self.consumer);
             self.on_assignment_change();
             let full = self.full();
-            self.backpressure(full);
+            self.backpressure();
             self.resume_due();
             if full && !self.paused {
                 // At a bound: leave the next messages in librdkafka's queue (bounded by
@@ -71,12 +118,12 @@ impl PollLoop {
         tracing::info!("shutting down: draining in-flight messages");
         let drained = self
             .shared
-            .drain(&self.consumer, &[], self.shutdown_timeout);
+            .drain(&self.consumer, &[], self.limits.shutdown_timeout);
         self.shared.commit(&self.consumer, "shutdown");
         self.shared.closing.store(true, Ordering::Release);
         tracing::info!(drained, "offsets committed; closing consumer");
-        self.gauge(&self.shared.metrics.in_flight).set(0);
-        self.gauge(&self.shared.metrics.in_flight_bytes).set(0);
+        self.in_flight.set(0);
+        self.in_flight_bytes.set(0);
     }
 
     /// librdkafka keeps the application's pauses across a rebalance, and every partition
@@ -97,7 +144,7 @@ impl PollLoop {
         if let Some(g) = &mut self.gate {
             g.clear();
         }
-        self.gauge(&self.shared.metrics.paused_partitions).set(0);
+        self.paused_partitions.set(0);
         self.shared.metrics.delayed_partitions.set(0);
     }
 
@@ -105,11 +152,10 @@ impl PollLoop {
     fn full(&mut self) -> bool {
         let in_flight = self.in_flight();
         let bytes = self.shared.in_flight_bytes.load(Ordering::Acquire);
-        self.gauge(&self.shared.metrics.in_flight)
-            .set(in_flight as i64);
-        self.gauge(&self.shared.metrics.in_flight_bytes)
-            .set(bytes as i64);
-        let full = in_flight >= self.max_in_flight || bytes >= self.max_in_flight_bytes;
+        self.in_flight.set(in_flight as i64);
+        self.in_flight_bytes.set(bytes as i64);
+        let full =
+            in_flight >= self.limits.max_in_flight || bytes >= self.limits.max_in_flight_bytes;
         self.full_since = match full {
             true => self.full_since.or_else(|| Some(Instant::now())),
             false => None,
@@ -129,12 +175,12 @@ impl PollLoop {
     /// has held for `stall_pause_after` with no message finishing (slow transactions), and resumes
     /// below half the bounds once the database is back; polling goes on while paused, so the
     /// group session and rebalances are served.
-    fn backpressure(&mut self, full: bool) {
+    fn backpressure(&mut self) {
         let outage = self.life.in_outage();
         let want_paused = outage
             || match self.paused {
                 true => self.above_half(),
-                false => self.stalled(full),
+                false => self.stalled(),
             };
         if want_paused == self.paused {
             return;
@@ -155,7 +201,7 @@ impl PollLoop {
         match (want_paused, outage) {
             (true, true) => tracing::warn!("database unavailable: consumption paused"),
             (true, false) => tracing::warn!(
-                after = ?self.stall_pause_after,
+                after = ?self.limits.stall_pause_after,
                 "no message finished at the in-flight bound: consumption paused"
             ),
             (false, _) => tracing::info!("consumption resumed"),
@@ -165,24 +211,20 @@ impl PollLoop {
         } else {
             0
         };
-        self.gauge(&self.shared.metrics.paused_partitions)
-            .set(count);
+        self.paused_partitions.set(count);
         self.paused = want_paused;
     }
 
-    fn stalled(&self, full: bool) -> bool {
-        full && self
-            .full_since
-            .is_some_and(|t| t.elapsed() >= self.stall_pause_after)
+    /// `full_since` is set only while a bound is reached.
+    fn stalled(&self) -> bool {
+        self.full_since
+            .is_some_and(|t| t.elapsed() >= self.limits.stall_pause_after)
     }
 
     fn above_half(&self) -> bool {
-        self.in_flight() > self.max_in_flight / 2
-            || self.shared.in_flight_bytes.load(Ordering::Acquire) > self.max_in_flight_bytes / 2
-    }
-
-    fn gauge(&self, vec: &prometheus::IntGaugeVec) -> prometheus::IntGauge {
-        vec.with_label_values(&[self.shared.name])
+        self.in_flight() > self.limits.max_in_flight / 2
+            || self.shared.in_flight_bytes.load(Ordering::Acquire)
+                > self.limits.max_in_flight_bytes / 2
     }
 
     fn without_waiting(&self, tpl: &TopicPartitionList) -> TopicPartitionList {
@@ -278,9 +320,10 @@ impl PollLoop {
             return;
         }
         let tp = (msg.topic().to_string(), msg.partition());
+        let bytes = size(&msg);
         self.shared
             .in_flight_bytes
-            .fetch_add(size(&msg), Ordering::AcqRel);
+            .fetch_add(bytes, Ordering::AcqRel);
         let (epoch, owner) = self
             .shared
             .tracker
@@ -294,7 +337,15 @@ impl PollLoop {
             None => tp.hash(&mut h),
         }
         let worker = &self.workers[(h.finish() % self.workers.len() as u64) as usize];
-        if worker.send(Job { msg, epoch, owner }).is_err() {
+        if worker
+            .send(Job {
+                msg,
+                epoch,
+                owner,
+                bytes,
+            })
+            .is_err()
+        {
             // Every later message for that worker would be dropped: stop, commit what is done.
             let f = Failure::internal("worker_stopped", "a worker stopped".into());
             self.life.fail(&f);

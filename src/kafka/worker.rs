@@ -18,11 +18,8 @@ pub struct Job {
     pub msg: OwnedMessage,
     pub epoch: u64,
     pub owner: Arc<Ownership>,
-}
-
-/// A message's size as the in-flight byte bound counts it.
-pub fn size(msg: &OwnedMessage) -> usize {
-    msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len)
+    /// The message's size, as counted against the in-flight byte bound at dispatch.
+    pub bytes: usize,
 }
 
 /// What the consumer may do with the message's offset.
@@ -53,13 +50,19 @@ pub async fn worker<H: Handle>(
     shared: Arc<Shared>,
     done: Sender<Completion>,
 ) {
-    while let Some(Job { msg, epoch, owner }) = jobs.recv().await {
+    while let Some(Job {
+        msg,
+        epoch,
+        owner,
+        bytes,
+    }) = jobs.recv().await
+    {
         let mut c = Completion {
             tp: (msg.topic().to_string(), msg.partition()),
             epoch,
             offset: msg.offset(),
             done: false,
-            bytes: size(&msg),
+            bytes,
         };
         // Queued messages of a partition this consumer no longer owns belong to the new owner,
         // and once shutdown begins they are left for the next one.

@@ -167,8 +167,8 @@ metrics! {
         "Bytes (keys and values) of the messages fetched and not yet finished, by consumer.",
         labels ["consumer"];
     paused_partitions: IntGaugeVec = "paused_partitions",
-        "Assigned partitions paused for a database outage or a stall (the in-flight bound held \
-         for 2 s with nothing finishing), by consumer (main, retry).",
+        "Assigned partitions paused for a database outage or a stall (an in-flight bound held \
+         for STALL_PAUSE_AFTER with nothing finishing), by consumer (main, retry).",
         labels ["consumer"];
     delayed_partitions: IntGauge = "retry_delayed_partitions",
         "Retry-tier partitions paused until their next message is due.";

@@ -621,11 +621,7 @@ impl TestCluster {
             .expect(
                 "PostgreSQL server binaries under /usr/lib/postgresql: apt-get install postgresql",
             );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir = std::env::temp_dir().join(unique("pa-cluster"));
         std::fs::create_dir_all(&dir).unwrap();
         if is_root() {
@@ -729,6 +725,15 @@ pub async fn wait_for(what: &str, secs: u64, mut check: impl AsyncFnMut() -> boo
         assert!(Instant::now() < deadline, "{what} within {secs}s");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A local TCP port nothing listens on now (the OS's pick).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// GET `url`: (status, body).
