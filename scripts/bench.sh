@@ -1,77 +1,133 @@
 #!/usr/bin/env bash
 # Throughput benchmark against the database's own ceiling, in one run on one machine:
-#  1. pgbench runs the agent's own transaction (scripts/pgbench-ceiling.sh) at the agent's
-#     concurrency (WORKERS clients): the single-request ceiling;
-#  2. N sample requests (USERS users, 1-5 books, FORMAT encodings) are pre-loaded into a fresh
-#     6-partition topic, a release build of the agent persists them, and the script prints
-#     requests/s, its ratio to the ceiling, CPU per 1,000 requests, conflict retries and peak RSS.
-#   scripts/bench.sh [N]   N=20000 USERS=10000 FORMAT=mixed WORKERS=16 DATABASE_POOL_SIZE=16
-#                          CEILING_SECONDS=20 (0 skips the ceiling), PROFILE=<perf.data file>;
-#                          DATABASE_URL / KAFKA_BROKERS
-#                          as scripts/test.sh. Any other agent setting passes through the env.
+#  1. ceilings: pgbench runs the agent's own SQL (scripts/pgbench-ceiling.sh), single-request at
+#     DATABASE_POOL_SIZE clients and batched (BATCH_MAX requests per transaction) at
+#     BATCH_CONCURRENCY clients;
+#  2. N sample requests (USERS users, 1-5 books, FORMAT encodings) are loaded once into a
+#     6-partition topic; release builds of the agent persist them, each run with its own
+#     consumer group and database schema: unbatched (BATCH_MAX=1), batched (defaults), and
+#     the batched agent scaled out to 2 and 4 members of one group;
+#  3. latency: JSON requests produced at half the batched rate, produce-to-result percentiles.
+# Each run prints requests/s, its ratio to the ceilings, CPU per request, conflict retries per
+# 1,000 and peak RSS.
+#   scripts/bench.sh [N]   N=100000 USERS=10000 FORMAT=mixed CEILING_SECONDS=20 (0 skips them)
+#                          RUNS="unbatched batched scale latency" PROFILE=<perf.data> (the
+#                          batched run); DATABASE_URL / KAFKA_BROKERS as scripts/test.sh. Agent
+#                          settings (BATCH_MAX, WORKERS, ...) pass through the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
-n=${1:-20000}
+n=${1:-100000}
 users=${USERS:-10000}
 format=${FORMAT:-mixed}
-workers=${WORKERS:-16}
+runs=${RUNS:-unbatched batched scale latency}
+pool=${DATABASE_POOL_SIZE:-16}
+batch_max=${BATCH_MAX:-32}
+batch_conc=${BATCH_CONCURRENCY:-4}
 ensure_postgres
 ensure_kafka
 cargo build --release --locked --bin persistence-agent >&2
 agent=target/release/persistence-agent
+id=$(date +%s)-$$
+export RUST_LOG=warn KAFKA_RESULTS_TOPIC=bench.results.$id
+pids=() schemas=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for s in "${schemas[@]}"; do psql "$DATABASE_URL" -qc "DROP SCHEMA IF EXISTS $s CASCADE" 2>/dev/null || true; done
+}
+trap cleanup EXIT
 
-ceiling=
+single= batched=
 if [ "${CEILING_SECONDS:-20}" != 0 ]; then
-  line=$(CLIENTS=$workers USERS=$users scripts/pgbench-ceiling.sh "${CEILING_SECONDS:-20}")
-  echo "$line"
-  ceiling=$(awk '{print $2}' <<<"$line")
+  line=$(CLIENTS=$pool USERS=$users scripts/pgbench-ceiling.sh "${CEILING_SECONDS:-20}")
+  echo "ceiling single  $line"
+  single=$(awk '{print $2}' <<<"$line")
+  line=$(CLIENTS=$batch_conc BATCH=$batch_max USERS=$users scripts/pgbench-ceiling.sh "${CEILING_SECONDS:-20}")
+  echo "ceiling batched $line"
+  batched=$(awk '{print $2}' <<<"$line")
 fi
 
-id=$(date +%s)-$$
-export DATABASE_SCHEMA=bench_${id//-/_} KAFKA_INPUT_TOPICS=bench.requests.$id KAFKA_RESULTS_TOPIC=bench.results.$id
-port=${BENCH_HTTP_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-export KAFKA_GROUP_ID=bench-$id HTTP_ADDR=127.0.0.1:$port RUST_LOG=warn WORKERS=$workers
-$agent topics --partitions 6 "$KAFKA_INPUT_TOPICS" >/dev/null
-$agent topics --partitions 6 "$KAFKA_RESULTS_TOPIC" >/dev/null
-$agent migrate --sample-catalogue >/dev/null
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+metric() { curl -sf "http://$1/metrics" | awk -v m="$2" 'index($1, m) == 1 {s += $2} END {printf "%d", s}'; }
+sum_metric() { local t=0 a; for a in "${addrs[@]}"; do t=$((t + $(metric "$a" "$1"))); done; echo "$t"; }
+alive() { local p; for p in "${run_pids[@]}"; do [ -n "$(ps -o stat= -p "$p" | grep -v Z)" ] || { echo "agent exited" >&2; exit 1; }; done; }
+ticks() { local t=0 p; for p in "${run_pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
+
+# Starts K agents on TOPIC in a fresh group and schema (extra env as arguments).
+start_agents() {
+  local k=$1 topic=$2; shift 2
+  local run=${id//-/_}_$((${#schemas[@]} + 1))
+  schemas+=("bench_$run")
+  DATABASE_SCHEMA=bench_$run $agent migrate --sample-catalogue >/dev/null
+  run_pids=() addrs=()
+  for _ in $(seq 1 "$k"); do
+    local addr=127.0.0.1:$(free_port)
+    env DATABASE_SCHEMA=bench_$run KAFKA_INPUT_TOPICS=$topic KAFKA_GROUP_ID=bench-$run \
+      HTTP_ADDR=$addr "$@" $agent run &
+    run_pids+=($!) pids+=($!) addrs+=("$addr")
+  done
+  local a; for a in "${addrs[@]}"; do until curl -sf "http://$a/healthz" >/dev/null; do alive; sleep 0.1; done; done
+}
+stop_agents() { local p; for p in "${run_pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done; }
+ratio() { [ -n "$2" ] && printf ' = %.2fx %s' "$(echo "$1 / $2" | bc -l)" "$3"; }
+
+# Runs K agents over the loaded topic and prints one line of figures.
+measure() {
+  local label=$1 k=$2; shift 2
+  start_agents "$k" "$loaded" "$@"
+  # Timed from the first outcome: the group join (seconds on tansu) is not throughput.
+  while [ "$(sum_metric persistence_agent_outcomes_total)" -lt 1 ]; do alive; sleep 0.05; done
+  local first t0 perf_pid=
+  first=$(date +%s.%N) t0=$(ticks)
+  if [ -n "${PROFILE:-}" ] && [ "$label" = batched ]; then
+    perf record -q -F 499 -g -p "${run_pids[0]}" -o "$PROFILE" 2>/dev/null & perf_pid=$!
+  fi
+  while [ "$(sum_metric persistence_agent_outcomes_total)" -lt "$n" ]; do alive; sleep 0.2; done
+  local end t1 hwm=0 p
+  end=$(date +%s.%N) t1=$(ticks)
+  [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
+  for p in "${run_pids[@]}"; do h=$(awk '/VmHWM/ {print $2}' "/proc/$p/status"); [ "$h" -gt "$hwm" ] && hwm=$h; done
+  local conflicts
+  conflicts=$(( $(sum_metric 'persistence_agent_transaction_attempts_total{result="serialization_failure"') \
+    + $(sum_metric 'persistence_agent_transaction_attempts_total{result="deadlock"') \
+    + $(sum_metric 'persistence_agent_batch_transactions_total{result="serialization_failure"') \
+    + $(sum_metric 'persistence_agent_batch_transactions_total{result="deadlock"') ))
+  local batches size=1
+  batches=$(sum_metric persistence_agent_batch_requests_count)
+  [ "$batches" -gt 0 ] && size=$(echo "$(sum_metric persistence_agent_batch_requests_sum) / $batches" | bc -l)
+  stop_agents
+  rate=$(echo "$n / ($end - $first)" | bc -l)
+  printf '%-15s %6.0f requests/s%s%s, CPU %3.0f us/request, %4.1f conflicts/1000, mean batch %.1f, peak RSS %.1f MiB\n' \
+    "$label" "$rate" "$(ratio "$rate" "$single" single)" "$(ratio "$rate" "$batched" batched)" \
+    "$(echo "1000000 * ($t1 - $t0) / $(getconf CLK_TCK) / $n" | bc -l)" \
+    "$(echo "1000 * $conflicts / $n" | bc -l)" "$size" "$(echo "$hwm / 1024" | bc -l)"
+}
+
+loaded=bench.requests.$id
+$agent topics --partitions 6 "$loaded" "$KAFKA_RESULTS_TOPIC" >/dev/null
 # One record per batch: tansu 0.6 answers a fetch that starts inside a multi-record batch with
 # nothing (Apache Kafka returns the batch), which would stall the agent after a pause.
-$agent produce --kafka-config batch.num.messages=1 --topic "$KAFKA_INPUT_TOPICS" --sample \
+$agent produce --kafka-config batch.num.messages=1 --topic "$loaded" --sample \
   --count "$n" --users "$users" --format "$format"
+echo "loaded          $n requests ($format, $users users, 1-5 books, 6 partitions); pool $pool, BATCH_MAX $batch_max, BATCH_CONCURRENCY $batch_conc"
 
-metric() { curl -sf "http://$HTTP_ADDR/metrics" | awk -v m="$1" 'index($1, m) == 1 {s += $2} END {printf "%d", s}'; }
-start=$(date +%s.%N)
-$agent run & pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; psql "$DATABASE_URL" -qc "DROP SCHEMA $DATABASE_SCHEMA CASCADE" 2>/dev/null || true' EXIT
-alive() { [ -n "$(ps -o stat= -p "$pid" | grep -v Z)" ] || { echo "agent exited" >&2; exit 1; }; }
-until curl -sf "http://$HTTP_ADDR/healthz" >/dev/null; do alive; sleep 0.1; done
-# Timed from the first outcome: the group join (seconds on tansu) is not throughput.
-while [ "$(metric persistence_agent_outcomes_total)" -lt 1 ]; do alive; sleep 0.05; done
-first=$(date +%s.%N)
-ticks0=$(awk '{print $14 + $15}' /proc/$pid/stat)
-# PROFILE=<file>: perf samples the agent from the first outcome to the last (perf report -i).
-[ -z "${PROFILE:-}" ] || { perf record -q -F 499 -g -p "$pid" -o "$PROFILE" 2>/dev/null & perf_pid=$!; }
-while [ "$(metric persistence_agent_outcomes_total)" -lt "$n" ]; do alive; sleep 0.2; done
-end=$(date +%s.%N)
-[ -z "${perf_pid:-}" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
-hwm=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)
-# utime + stime of the agent, in clock ticks.
-ticks=$(awk '{print $14 + $15}' /proc/$pid/stat)
-hz=$(getconf CLK_TCK)
-secs=$(echo "$end - $first" | bc -l)
-joined=$(echo "$first - $start" | bc -l)
-rate=$(echo "$n / $secs" | bc -l)
-conflicts=$(( $(metric 'persistence_agent_transaction_attempts_total{result="serialization_failure"') + $(metric 'persistence_agent_transaction_attempts_total{result="deadlock"') ))
-txn_sum=$(curl -sf "http://$HTTP_ADDR/metrics" | awk '$1 == "persistence_agent_transaction_duration_seconds_sum" {print $2}')
-txn_count=$(metric persistence_agent_transaction_duration_seconds_count)
-printf 'requests        %d (%s, %d users, 6 partitions, WORKERS=%s, pool=%s)\n' "$n" "$format" "$users" "$workers" "${DATABASE_POOL_SIZE:-16}"
-printf 'elapsed         %.2f s (first outcome to last; start and group join took %.1f s more)\n' "$secs" "$joined"
-if [ -n "$ceiling" ]; then
-  printf 'throughput      %.0f requests/s = %.2fx the pgbench ceiling (%s tps)\n' "$rate" "$(echo "$rate / $ceiling" | bc -l)" "$ceiling"
-else
-  printf 'throughput      %.0f requests/s\n' "$rate"
-fi
-printf 'agent CPU       %.0f us per request while it ran (%.1f s in all, start-up included)\n' "$(echo "1000000 * ($ticks - $ticks0) / $hz / $n" | bc -l)" "$(echo "$ticks / $hz" | bc -l)"
-printf 'mean txn        %.2f ms over %d attempts (%.1f conflict retries per 1,000)\n' "$(echo "1000 * $txn_sum / $txn_count" | bc -l)" "$txn_count" "$(echo "1000 * $conflicts / $n" | bc -l)"
-printf 'peak RSS        %.1f MiB\n' "$(echo "$hwm / 1024" | bc -l)"
+rate=
+for r in $runs; do
+  case $r in
+    unbatched) measure unbatched 1 BATCH_MAX=1 ;;
+    batched) measure batched 1; best=$rate ;;
+    scale) measure "2 agents" 2; measure "4 agents" 4 ;;
+    latency)
+      # Half the batched rate (or of the last run), JSON so the script can match request ids.
+      half=$(printf '%.0f' "$(echo "${best:-${rate:-1000}} / 2" | bc -l)")
+      topic=bench.latency.$id count=$((half * 20))
+      $agent topics --partitions 6 "$topic" "bench.latency-results.$id" >/dev/null
+      start_agents 1 "$topic" KAFKA_RESULTS_TOPIC=bench.latency-results.$id
+      $agent produce --kafka-config batch.num.messages=1 --topic "$topic" --sample \
+        --count "$count" --users "$users" --format json --rate "$half" >/dev/null
+      line=$(python3 scripts/latency.py "$KAFKA_BROKERS" "$topic" "bench.latency-results.$id" "$count")
+      stop_agents
+      echo "latency         $line at $half requests/s" ;;
+  esac
+done

@@ -12,7 +12,9 @@ async fn metrics_count_a_known_mix_of_outcomes_exactly() {
     let env = Env::new(1).await;
     env.books(&["b1", "b2"]).await;
     let (agent, url) = env
-        .start_with_http(&["--kafka-config=statistics.interval.ms=500"])
+        // Unbatched, so each request's transaction attempts are counted exactly (a batch's
+        // attempts depend on how requests happen to arrive together).
+        .start_with_http(&["--kafka-config=statistics.interval.ms=500", "--batch-max=1"])
         .await;
     for i in 0..3 {
         env.produce(

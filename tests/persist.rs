@@ -10,7 +10,7 @@ use persistence_agent::classify::class;
 use persistence_agent::message::envelope::Source;
 use persistence_agent::message::model::PersistenceRequest;
 use persistence_agent::ops::metrics::Metrics;
-use persistence_agent::persist::Persister;
+use persistence_agent::persist::{BatchConfig, Persister};
 
 fn persister(env: &Env, timeout_ms: u64, pool_size: usize) -> (Persister, Arc<Metrics>) {
     let mut db = env.run_args(&[]).db;
@@ -24,6 +24,7 @@ fn persister(env: &Env, timeout_ms: u64, pool_size: usize) -> (Persister, Arc<Me
             Duration::from_millis(timeout_ms),
             backoff,
             metrics.clone(),
+            BatchConfig::OFF,
         ),
         metrics,
     )

@@ -14,7 +14,7 @@ use crate::kafka::{AgentContext, Limits, PollLoop, Shared};
 use crate::ops::config::{ClientRole, RunArgs, DEFAULT_QUEUED_MAX_KBYTES};
 use crate::ops::lifecycle::Lifecycle;
 use crate::ops::metrics::Metrics;
-use crate::persist::Persister;
+use crate::persist::{BatchConfig, Persister};
 use crate::pipeline::Pipeline;
 use crate::route::producer;
 use crate::route::results::ResultPublisher;
@@ -240,6 +240,11 @@ fn pipeline(
             args.statement_timeout,
             backoff.clone(),
             metrics.clone(),
+            BatchConfig {
+                max: args.batch_max,
+                linger: args.batch_linger,
+                concurrency: args.batch_concurrency,
+            },
         ),
         results: ResultPublisher::new(producer, topic, args.results_format, metrics.clone())?,
         router,

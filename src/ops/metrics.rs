@@ -43,6 +43,7 @@ pub mod attempt {
 const TXN_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 /// Produce-to-commit spans in-process retries (seconds) and, with retry tiers, up to hours.
 const E2E_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 30.0, 300.0, 1800.0, 7200.0,
@@ -155,6 +156,13 @@ metrics! {
     txn_duration: Histogram = "transaction_duration_seconds",
         "Duration of one database transaction attempt, BEGIN to COMMIT or ROLLBACK.",
         buckets TXN_BUCKETS;
+    batch_requests: Histogram = "batch_requests",
+        "Requests per batched transaction (micro-batching, BATCH_MAX).",
+        buckets BATCH_BUCKETS;
+    batch_transactions: IntCounterVec = "batch_transactions_total",
+        "Batched transactions by result: committed, or the failure class (its requests were \
+         then written one per transaction, with their own retries).",
+        labels ["result"];
     end_to_end_latency: HistogramVec = "end_to_end_latency_seconds",
         "Kafka message timestamp to its outcome being decided (written, found in the ledger, parked \
          or routed; a head's release of its parked followers comes after), by outcome.",

@@ -18,9 +18,13 @@ use crate::message::envelope::Source;
 use crate::message::model::{PersistenceRequest, PersistenceResult};
 use crate::ops::metrics::{attempt, Metrics};
 
+mod batch;
 pub mod db;
 pub mod park;
 mod sql;
+
+pub use batch::{BatchConfig, BATCH_SQL};
+use batch::{Batcher, Member};
 
 pub use sql::CLAIM_SQL;
 use sql::{statements, Params};
@@ -52,20 +56,27 @@ pub struct Persister {
     statement_timeout: Duration,
     backoff: Vec<Duration>,
     metrics: Arc<Metrics>,
+    /// None when batching is off (`BATCH_MAX` 1).
+    batcher: Option<Batcher>,
 }
 
 impl Persister {
+    /// Starts the batch collector (a task: call it inside the runtime) when `batch.max` > 1.
     pub fn new(
         pool: Pool,
         statement_timeout: Duration,
         backoff: Vec<Duration>,
         metrics: Arc<Metrics>,
+        batch: BatchConfig,
     ) -> Self {
+        let batcher = (batch.max > 1)
+            .then(|| Batcher::start(batch, pool.clone(), statement_timeout, metrics.clone()));
         Self {
             pool,
             statement_timeout,
             backoff,
             metrics,
+            batcher,
         }
     }
 
@@ -81,6 +92,16 @@ impl Persister {
         request_id: &str,
         source: &Source,
     ) -> Result<Persisted, Failure> {
+        if let Some(batcher) = &self.batcher {
+            let member = Member {
+                req: req.clone(),
+                request_id: request_id.to_string(),
+                source: source.clone(),
+            };
+            if let Some(p) = batcher.submit(member).await {
+                return Ok(p);
+            }
+        }
         let attempts = AtomicU32::new(0);
         let timeouts = AtomicU32::new(0);
         let run = || async {
@@ -123,15 +144,7 @@ impl Persister {
         self.metrics
             .txn_duration
             .observe(started.elapsed().as_secs_f64());
-        let label = match &result {
-            Ok(p) => match p.written {
-                Written::New => attempt::COMMITTED,
-                Written::Duplicate => attempt::DUPLICATE,
-                Written::Blocked => attempt::BLOCKED,
-                Written::Fenced => attempt::FENCED,
-            },
-            Err(f) => f.class,
-        };
+        let label = attempt_label(&result);
         self.metrics.txn_attempts.with_label_values(&[label]).inc();
         result
     }
@@ -144,30 +157,39 @@ impl Persister {
         timeout: Duration,
         started: Instant,
     ) -> Result<Persisted, Failure> {
-        let mut guard = Checkout(Some(self.pool.get().await.map_err(|e| Failure::from(&e))?));
-        let client = guard.0.as_ref().expect("checked out");
+        let guard = Checkout::get(&self.pool).await?;
         let p = Params::new(req, request_id, source);
-        // The server's statement timeout cannot fire on a connection that no longer answers:
-        // a client-side deadline over both round trips, counted from the checkout (a wait for
-        // a busy pool is not a hung connection).
-        let deadline = timeout * 2 + CLIENT_DEADLINE_MARGIN;
+        let deadline = deadline(timeout);
         let outcome =
-            match tokio::time::timeout(deadline, statements(client, &p, timeout, started)).await {
-                // A hung connection is dropped with the guard (discarded, not pooled), unasked.
-                Err(_) => return Err(Failure::hung(deadline)),
-                Ok(outcome) => outcome,
-            };
-        if outcome.is_err() && !client.is_closed() {
-            // A server that froze after its error reply must not hold the worker either.
-            let rollback =
-                tokio::time::timeout(CLIENT_DEADLINE_MARGIN, client.batch_execute("ROLLBACK"));
-            if !matches!(rollback.await, Ok(Ok(()))) {
-                return outcome;
-            }
-        }
-        guard.release();
-        outcome
+            tokio::time::timeout(deadline, statements(guard.client(), &p, timeout, started)).await;
+        guard.finish(deadline, outcome).await
     }
+}
+
+/// The `transaction_attempts_total` label of one request's attempt, batched or not.
+fn attempt_label(result: &Result<Persisted, Failure>) -> &'static str {
+    match result {
+        Ok(p) => p.written.label(),
+        Err(f) => f.class,
+    }
+}
+
+impl Written {
+    fn label(self) -> &'static str {
+        match self {
+            Written::New => attempt::COMMITTED,
+            Written::Duplicate => attempt::DUPLICATE,
+            Written::Blocked => attempt::BLOCKED,
+            Written::Fenced => attempt::FENCED,
+        }
+    }
+}
+
+/// The client-side deadline of one transaction: the server's statement timeout cannot fire on
+/// a connection that no longer answers. Counted from the checkout (a wait for a busy pool is
+/// not a hung connection) over both round trips.
+fn deadline(statement_timeout: Duration) -> Duration {
+    statement_timeout * 2 + CLIENT_DEADLINE_MARGIN
 }
 
 /// A pooled connection that goes back to the pool only when its transaction was finished: a
@@ -176,8 +198,35 @@ impl Persister {
 struct Checkout(Option<deadpool_postgres::Object>);
 
 impl Checkout {
-    fn release(&mut self) {
+    async fn get(pool: &Pool) -> Result<Self, Failure> {
+        Ok(Self(Some(pool.get().await.map_err(|e| Failure::from(&e))?)))
+    }
+
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.0.as_ref().expect("checked out")
+    }
+
+    /// Returns the connection to the pool once its transaction is over, or discards it.
+    async fn finish<T>(
+        mut self,
+        deadline: Duration,
+        outcome: Result<Result<T, Failure>, tokio::time::error::Elapsed>,
+    ) -> Result<T, Failure> {
+        // A hung connection is dropped with the guard (discarded, not pooled), unasked.
+        let Ok(outcome) = outcome else {
+            return Err(Failure::hung(deadline));
+        };
+        let client = self.client();
+        if outcome.is_err() && !client.is_closed() {
+            // A server that froze after its error reply must not hold the worker either.
+            let rollback =
+                tokio::time::timeout(CLIENT_DEADLINE_MARGIN, client.batch_execute("ROLLBACK"));
+            if !matches!(rollback.await, Ok(Ok(()))) {
+                return outcome;
+            }
+        }
         drop(self.0.take());
+        outcome
     }
 }
 

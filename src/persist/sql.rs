@@ -83,7 +83,19 @@ pub const CLAIM_SQL: &str =
      ON CONFLICT (topic, partition) DO UPDATE SET generation = o.generation + 1, claimed_at = now()
      RETURNING generation";
 
-const CONFIRM_SQL: &str = "UPDATE processed_request SET confirmation = $2 WHERE request_id = $1";
+pub(super) const CONFIRM_SQL: &str =
+    "UPDATE processed_request SET confirmation = $2 WHERE request_id = $1";
+
+/// BEGIN of a SERIALIZABLE transaction with the attempt's statement timeout.
+pub(super) fn begin_sql(timeout: Duration) -> String {
+    // A transaction whose client vanished (a half-open socket) would hold its share lock on
+    // the partition's owner row until the server's own keepalive gives up, hours later.
+    format!(
+        "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = {}; \
+             SET LOCAL idle_in_transaction_session_timeout = '60s'",
+        timeout.as_millis().max(1)
+    )
+}
 
 /// The statements of one attempt on a checked-out connection, BEGIN to COMMIT.
 pub(super) async fn statements(
@@ -103,13 +115,7 @@ pub(super) async fn statements(
         .prepare_cached(CONFIRM_SQL)
         .await
         .map_err(|e| Failure::from(&e))?;
-    // A transaction whose client vanished (a half-open socket) would hold its share lock on
-    // the partition's owner row until the server's own keepalive gives up, hours later.
-    let begin = format!(
-        "BEGIN ISOLATION LEVEL SERIALIZABLE; SET LOCAL statement_timeout = {}; \
-             SET LOCAL idle_in_transaction_session_timeout = '60s'",
-        timeout.as_millis().max(1)
-    );
+    let begin = begin_sql(timeout);
     // Polled together, tokio-postgres sends both before reading either reply: one round trip.
     let refs = p.as_refs();
     let (began, rows) = tokio::join!(client.batch_execute(&begin), client.query(&stmt, &refs));
@@ -144,7 +150,7 @@ pub(super) async fn statements(
                 attempts: 0,
             });
         }
-        None => confirmation(req, request_id, row, started),
+        None => confirmation(req, request_id, &NewRows::from_row(row), started),
     };
     let json = serde_json::to_value(&result).expect("results serialize");
     let confirm_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&request_id, &json];
@@ -162,26 +168,46 @@ pub(super) async fn statements(
     })
 }
 
-fn confirmation(
+/// What a transaction returned for a request it wrote.
+pub(super) struct NewRows {
+    pub recommendation_id: String,
+    pub context_id: String,
+    pub books: i32,
+    pub transaction_id: String,
+    pub context_created: bool,
+}
+
+impl NewRows {
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        Self {
+            recommendation_id: row.get(0),
+            context_id: row.get(1),
+            books: row.get(2),
+            transaction_id: row.get(3),
+            context_created: row.get(4),
+        }
+    }
+}
+
+pub(super) fn confirmation(
     req: &PersistenceRequest,
     request_id: &str,
-    row: &tokio_postgres::Row,
+    rows: &NewRows,
     started: Instant,
 ) -> PersistenceResult {
-    let books: i32 = row.get(2);
-    let context_created: bool = row.get(4);
+    let books = rows.books;
     PersistenceResult {
         request_id: request_id.to_string(),
         user_id: Some(req.user_id.clone()),
-        recommendation_id: Some(row.get(0)),
-        context_id: Some(row.get(1)),
+        recommendation_id: Some(rows.recommendation_id.clone()),
+        context_id: Some(rows.context_id.clone()),
         book_count: books,
         persistence_status: status::SUCCESS.to_string(),
         timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         persistence_metadata: Some(PersistenceMetadata {
-            transaction_id: row.get(3),
+            transaction_id: rows.transaction_id.clone(),
             persistence_time: started.elapsed().as_millis() as i64,
-            records_created: 1 + books + i32::from(context_created),
+            records_created: 1 + books + i32::from(rows.context_created),
             books_linked: books,
         }),
         error: None,
@@ -206,7 +232,7 @@ pub(super) fn bare_result(request_id: &str) -> PersistenceResult {
     }
 }
 
-fn from_ledger(confirmation: Json, request_id: &str) -> PersistenceResult {
+pub(super) fn from_ledger(confirmation: Json, request_id: &str) -> PersistenceResult {
     serde_json::from_value(confirmation).unwrap_or_else(|e| {
         tracing::warn!(request_id, error = %e, "stored confirmation unreadable");
         bare_result(request_id)

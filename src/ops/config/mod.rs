@@ -18,6 +18,9 @@ pub const DEFAULT_STATEMENT_TIMEOUT: &str = "5s";
 pub const DEFAULT_TXN_BACKOFF: &str = "100ms,500ms,2000ms";
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
 pub const DEFAULT_WORKERS: usize = 16;
+pub const DEFAULT_BATCH_MAX: usize = 32;
+pub const DEFAULT_BATCH_LINGER: &str = "2ms";
+pub const DEFAULT_BATCH_CONCURRENCY: usize = 4;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 /// Short next to `max.poll.interval.ms` (300 s) and a rebalance, long next to a transaction.
@@ -128,6 +131,21 @@ pub struct RunArgs {
     /// Transactions run at once; requests with the same key always run one after another.
     #[arg(long, env = "WORKERS", default_value_t = DEFAULT_WORKERS)]
     pub workers: usize,
+
+    /// Most requests written in one transaction (micro-batching); `1` turns batching off.
+    /// Requests of distinct users gathered from the workers share a SERIALIZABLE transaction;
+    /// a batch that fails is written again one request per transaction.
+    #[arg(long, env = "BATCH_MAX", default_value_t = DEFAULT_BATCH_MAX, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub batch_max: usize,
+
+    /// How long a request waits for others to share its transaction once a batch connection
+    /// is free (while all are busy, requests gather anyway).
+    #[arg(long, env = "BATCH_LINGER", default_value = DEFAULT_BATCH_LINGER, value_parser = humantime::parse_duration)]
+    pub batch_linger: Duration,
+
+    /// Batched transactions at once (each on its own pooled connection).
+    #[arg(long, env = "BATCH_CONCURRENCY", default_value_t = DEFAULT_BATCH_CONCURRENCY)]
+    pub batch_concurrency: usize,
 
     /// Messages handed to the workers and not yet finished, per consumer: at the bound the
     /// poll loop takes the next message only when one finishes (backpressure).
@@ -263,6 +281,9 @@ impl fmt::Debug for RunArgs {
             .field("statement_timeout", &self.statement_timeout)
             .field("txn_backoff", &self.txn_backoff.0)
             .field("workers", &self.workers)
+            .field("batch_max", &self.batch_max)
+            .field("batch_linger", &self.batch_linger)
+            .field("batch_concurrency", &self.batch_concurrency)
             .field("max_in_flight", &self.max_in_flight)
             .field("retry", &self.retry)
             .finish_non_exhaustive()

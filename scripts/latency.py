@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Produce-to-result latency: for every JSON request on the input topic, the time from its
+Kafka timestamp (set by the producer) to the Kafka timestamp of its result event.
+
+    scripts/latency.py BROKERS INPUT_TOPIC RESULTS_TOPIC COUNT
+
+Reads both topics from the beginning (its own throwaway group, nothing committed) until COUNT
+results have arrived or 60 s pass without a new one. Prints one line:
+"latency p50 <ms> ms, p95 <ms> ms, p99 <ms> ms, max <ms> ms (<n> requests)".
+"""
+import json
+import sys
+import time
+import uuid
+
+from confluent_kafka import Consumer
+
+
+def read(brokers, topic, key, count):
+    c = Consumer({"bootstrap.servers": brokers, "group.id": f"latency-{uuid.uuid4()}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([topic])
+    seen, last = {}, time.monotonic()
+    try:
+        while len(seen) < count and time.monotonic() - last < 60:
+            msg = c.poll(1.0)
+            if msg is None or msg.error():
+                continue
+            try:
+                rid = key(json.loads(msg.value()))
+            except (ValueError, KeyError, TypeError):
+                continue
+            seen.setdefault(rid, msg.timestamp()[1])
+            last = time.monotonic()
+    finally:
+        c.close()
+    return seen
+
+
+def main():
+    brokers, input_topic, results_topic, count = sys.argv[1:5]
+    count = int(count)
+    sent = read(brokers, input_topic, lambda v: v["metadata"]["requestId"], count)
+    done = read(brokers, results_topic, lambda v: v["requestId"], count)
+    lat = sorted(done[r] - sent[r] for r in done if r in sent)
+    if not lat:
+        sys.exit("latency: no request matched a result")
+    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+    print(f"latency p50 {pick(0.50)} ms, p95 {pick(0.95)} ms, p99 {pick(0.99)} ms, "
+          f"max {lat[-1]} ms ({len(lat)} requests)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+//! Micro-batching: requests of distinct users share one transaction, every guarantee of the
+//! single-request path holds (written once, per-key order, re-publishes found in the ledger,
+//! offsets after durability), and a request that fails its batch fails alone.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{json, request, stop, Env};
+use persistence_agent::app::agent::Agent;
+use persistence_agent::ops::metrics::outcome;
+
+/// (batches, requests in them, batch attempts that failed other than by a conflict) so far.
+fn batches(agent: &Agent) -> (u64, f64, u64) {
+    let m = &agent.metrics;
+    let other: u64 = m
+        .batch_transactions
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .filter(|s| {
+            let result = s.get_label().iter().find(|l| l.name() == "result");
+            let result = result.map(|l| l.value()).unwrap_or_default();
+            !["committed", "serialization_failure", "deadlock"].contains(&result)
+        })
+        .map(|s| s.get_counter().get_value() as u64)
+        .sum();
+    (
+        m.batch_requests.get_sample_count(),
+        m.batch_requests.get_sample_sum(),
+        other,
+    )
+}
+
+use prometheus::core::Collector;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_distinct_users_and_keeps_every_guarantee() {
+    let env = Env::new(3).await;
+    env.books(&["b1", "b2"]).await;
+    // 600 requests of 60 users (10 each, in order), then 60 exact re-publishes.
+    let (users, per_user) = (60, 10);
+    let mut sent: HashMap<String, Vec<String>> = HashMap::new();
+    for i in 0..per_user {
+        for u in 0..users {
+            let user = format!("u{u}");
+            let mut req = request(
+                &user,
+                Some(&format!("r{u}-{i}")),
+                &[("b1", 0.5), ("b2", 0.4)],
+            );
+            req["context"]["mood"] = format!("m{i}").into();
+            sent.entry(user.clone()).or_default().push(format!("m{i}"));
+            env.produce(&user, &json(req)).await;
+        }
+    }
+    for u in 0..users {
+        let user = format!("u{u}");
+        let req = request(&user, Some(&format!("r{u}-0")), &[("b1", 0.5), ("b2", 0.4)]);
+        env.produce(&user, &json(req)).await;
+    }
+    // 200 more of 10 users, each under its own key: one reader's requests on many workers
+    // at once, which one batch must not hold together.
+    for i in 0..200 {
+        let id = format!("x{i}");
+        let req = request(&format!("x{}", i % 10), Some(&id), &[("b1", 0.5)]);
+        env.produce(&id, &json(req)).await;
+    }
+    let total = (users * per_user + 200) as i64;
+    let agent = env
+        .start(&[
+            "--workers=64",
+            "--batch-max=16",
+            "--batch-concurrency=2",
+            "--batch-linger=20ms",
+        ])
+        .await;
+    env.wait_committed(3, total + users as i64, 120).await;
+    let (count, sum, failed) = batches(&agent);
+    let metrics = agent.metrics.clone();
+    stop(agent).await;
+
+    eprintln!(
+        "DEBUG {}",
+        metrics
+            .render()
+            .lines()
+            .filter(|l| l.contains("outcomes_total{")
+                || l.contains("batch_transactions_total{")
+                || l.contains("attempts_total{"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    env.assert_written_once(total).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM recommendation_book").await,
+        2 * total - 200
+    );
+    assert_eq!(
+        metrics.outcome_count(&env.topic, outcome::PERSISTED),
+        total as u64
+    );
+    assert_eq!(
+        metrics.outcome_count(&env.topic, outcome::DUPLICATE),
+        users as u64
+    );
+    assert!(
+        count > 0 && sum / count as f64 >= 2.0,
+        "batched: {count} batches, {sum} requests"
+    );
+    // Two rows of one reader in a batch would fail it (a conflict is retried, not counted).
+    assert_eq!(
+        failed,
+        0,
+        "batches failed: {}",
+        metrics
+            .render()
+            .lines()
+            .filter(|l| l.contains("batch_transactions_total{"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // Per-key order: each reader's moods in the order its requests were published.
+    for (user, moods) in sent {
+        let got: Vec<String> = env
+            .pg
+            .query_one(
+                "SELECT previous_moods FROM reader_context WHERE user_id = $1",
+                &[&user],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, moods, "moods of {user}");
+    }
+    // A result event per message (re-publishes included), each once.
+    let results = env.results(total as usize + users);
+    assert_eq!(results.len(), total as usize + users);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_fails_its_batch_goes_to_its_tier_alone() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let n = 200;
+    for i in 0..n {
+        let user = format!("u{i}");
+        // Every 50th request names a book the catalogue lacks: a foreign-key violation.
+        let book = if i % 50 == 25 { "not-yet" } else { "b1" };
+        let req = request(&user, Some(&format!("r{i}")), &[(book, 0.5)]);
+        env.produce(&user, &json(req)).await;
+    }
+    let agent = env
+        .start(&[
+            "--workers=64",
+            "--batch-max=32",
+            "--batch-concurrency=1",
+            "--batch-linger=50ms",
+            "--retry-delays=1h",
+        ])
+        .await;
+    env.wait_committed(1, n, 120).await;
+    let m = agent.metrics.clone();
+    let split = m
+        .batch_transactions
+        .with_label_values(&["foreign_key_violation"])
+        .get();
+    stop(agent).await;
+
+    assert!(split >= 1, "a batch held a bad request and failed");
+    env.assert_written_once(n - 4).await;
+    assert_eq!(m.outcome_count(&env.topic, outcome::RETRY_SCHEDULED), 4);
+    assert_eq!(m.outcome_count(&env.topic, outcome::DEAD_LETTERED), 0);
+    let tier = env.records(&env.tier_topic("1h"), 4, 30);
+    let mut ids: Vec<String> = tier.iter().map(|r| r.key.clone().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, ["u125", "u175", "u25", "u75"]);
+    // Each was tried once in its batch and once alone, as unbatched: no in-process retries
+    // for a foreign-key violation.
+    assert_eq!(m.attempt_count("foreign_key_violation"), 4);
+}
