@@ -8,8 +8,13 @@
 3. files, images and ports referenced by docker-compose.yml and the Dockerfile exist / agree;
 4. the helm chart lints with Helm's own library (helm-sdkpy) with default values and with every
    optional feature on (helm/persistence-agent/ci/all-features-values.yaml), and its rules file
-   is prometheus/rules.yml verbatim.
-Needs: pip install jsonschema pyyaml; pip install --ignore-requires-python helm-sdkpy cffi
+   is prometheus/rules.yml verbatim;
+5. the chart renders offline with Helm v4's own library (helm-python-sdk) with both value sets,
+   every rendered Kubernetes object validates (strictly: no unknown field) against the OpenAPI
+   schemas of Kubernetes K8S_VERSION (kubernetes-validate), and every environment variable the
+   rendered Deployments and Job set (directly or through the ConfigMap) is one the service reads.
+Needs: pip install jsonschema pyyaml helm-python-sdk kubernetes-validate;
+       pip install --ignore-requires-python helm-sdkpy cffi (scripts/lib.sh: ensure_python_deps)
 """
 import asyncio
 import copy
@@ -25,6 +30,15 @@ import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "persistence-agent"
+# The Kubernetes version whose schemas the rendered objects must satisfy (shipped with
+# kubernetes-validate).
+K8S_VERSION = "1.30.0"
+# Custom resources of operators the chart can target: kubernetes-validate has no schema for them.
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+}
 failures = []
 
 
@@ -163,12 +177,74 @@ def helm_checks():
     check(any(jsonschema.Draft7Validator(schema).iter_errors(bad_values)), "values.schema.json rejects replicaCount -1")
 
 
+def rendered_objects(values):
+    import helm_python
+
+    chart = helm_python.Chart.load(str(CHART))
+    manifests = chart.render(values, name="pa", namespace="default", is_install=True)
+    return [
+        doc
+        for path, text in sorted(manifests.items())
+        if path.endswith((".yaml", ".yml"))
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def env_names(objects):
+    """Variables the rendered workloads set: env entries, and keys of the ConfigMaps and Secrets
+    they load (librdkafka's KAFKA_CONFIG_* pass-through aside)."""
+    sources = {
+        (o["kind"], o["metadata"]["name"]): {**o.get("data", {}), **o.get("stringData", {})}
+        for o in objects
+        if o["kind"] in ("ConfigMap", "Secret")
+    }
+    names = set()
+    for o in objects:
+        if o["kind"] not in ("Deployment", "Job"):
+            continue
+        for c in o["spec"]["template"]["spec"].get("containers", []):
+            names |= {e["name"] for e in c.get("env", [])}
+            for src in c.get("envFrom", []):
+                names |= set(sources.get(("ConfigMap", src.get("configMapRef", {}).get("name")), {}))
+                names |= set(sources.get(("Secret", src.get("secretRef", {}).get("name")), {}))
+    return {n for n in names if not n.startswith("KAFKA_CONFIG_")}
+
+
+def render_checks(known):
+    import kubernetes_validate
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    all_on = merge(defaults, yaml.safe_load((CHART / "ci" / "all-features-values.yaml").read_text()))
+    for name, values in [("default values", defaults), ("every feature on", all_on)]:
+        objects = rendered_objects(values)
+        kinds = sorted({o["kind"] for o in objects})
+        check("Deployment" in kinds, f"chart renders with {name}: {len(objects)} objects {kinds}")
+        invalid = []
+        for o in objects:
+            what = f"{o['kind']}/{o['metadata']['name']}"
+            if (o["apiVersion"], o["kind"]) in CUSTOM_KINDS:
+                if not (o["metadata"].get("name") and isinstance(o.get("spec"), dict)):
+                    invalid.append(f"{what}: no name or spec")
+                continue
+            try:
+                kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                invalid.append(f"{what}: {'/'.join(map(str, e.path))}: {e.message}")
+            except kubernetes_validate.SchemaNotFoundError:
+                invalid.append(f"{what}: no Kubernetes {K8S_VERSION} schema for {o['apiVersion']}")
+        check(not invalid, f"rendered objects ({name}) validate against Kubernetes {K8S_VERSION} {invalid}")
+        unknown = sorted(env_names(objects) - known)
+        check(not unknown, f"rendered workloads ({name}) set only variables the service reads {unknown}")
+
+
 def main():
     known = service_env_vars()
     compose_checks(known)
     readme_checks(known)
     helm_env_checks(known)
     helm_checks()
+    render_checks(known)
     print(f"{len(failures)} failed" if failures else "all deployment checks passed")
     sys.exit(1 if failures else 0)
 
