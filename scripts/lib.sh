@@ -52,12 +52,21 @@ ensure_tansu() {
 }
 
 # Sets KAFKA_BROKERS: given, a Kafka broker already on 127.0.0.1:$TANSU_PORT (default 9092), or
-# a tansu broker started there now (stopped when the calling script exits). Something else
-# listening on that port is an error that names it.
+# a tansu broker started there now (stopped when the calling script exits). A given
+# KAFKA_BROKERS of one local address with nothing listening gets tansu started there too.
+# Something else listening on the port is an error that names it.
 ensure_kafka() {
-  if [ -n "${KAFKA_BROKERS:-}" ]; then return; fi
-  local port=${TANSU_PORT:-9092}
-  export KAFKA_BROKERS=127.0.0.1:$port
+  local port
+  if [ -n "${KAFKA_BROKERS:-}" ]; then
+    case "$KAFKA_BROKERS" in
+      127.0.0.1:* | localhost:*) port=${KAFKA_BROKERS#*:} ;;
+      *) return 0 ;;
+    esac
+    [[ $port =~ ^[0-9]+$ ]] || return 0
+  else
+    port=${TANSU_PORT:-9092}
+    export KAFKA_BROKERS=127.0.0.1:$port
+  fi
   if have_port 127.0.0.1 "$port"; then
     speaks_kafka 127.0.0.1 "$port" && return
     echo "127.0.0.1:$port is taken by something that does not answer as a Kafka broker:" \
