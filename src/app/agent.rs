@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +15,7 @@ use crate::kafka::{AgentContext, Limits, PollLoop, Shared};
 use crate::ops::config::{ClientRole, RunArgs, DEFAULT_QUEUED_MAX_KBYTES};
 use crate::ops::lifecycle::Lifecycle;
 use crate::ops::metrics::Metrics;
+use crate::ops::{errors, kafka_health};
 use crate::persist::Persister;
 use crate::pipeline::Pipeline;
 use crate::route::producer;
@@ -41,9 +43,14 @@ impl Drop for Agent {
 
 impl Agent {
     pub async fn start(args: RunArgs, metrics: Arc<Metrics>) -> anyhow::Result<Agent> {
-        let pool = crate::persist::db::pool(&args.db)?;
+        warn_if_kafka_silent(&args);
+        let target = errors::database_target(&args.db.database_url);
+        let pool =
+            crate::persist::db::pool(&args.db).with_context(|| format!("database at {target}"))?;
         if args.migrate_on_start {
-            let applied = crate::persist::db::migrate(&pool).await?;
+            let applied = crate::persist::db::migrate(&pool)
+                .await
+                .with_context(|| format!("migrating the database at {target}"))?;
             tracing::info!(?applied, "migrations applied");
         }
         let topology = Topology::new(&args.retry)?;
@@ -125,6 +132,17 @@ impl Agent {
             .iter()
             .all(|c| c.joined.load(Ordering::Acquire))
     }
+}
+
+/// The consumers wait for Kafka without a word while an address accepts connections but never
+/// answers: a probe beside them says so within seconds, naming the address.
+fn warn_if_kafka_silent(args: &RunArgs) {
+    let kafka = args.kafka.clone();
+    tokio::spawn(async move {
+        if let Err(e) = kafka_health::probe(&kafka, kafka_health::PROBE_TIMEOUT).await {
+            tracing::warn!(error = %e, "kafka does not answer yet; the agent keeps trying");
+        }
+    });
 }
 
 /// Refreshes the parked-key gauges and releases keys whose head is lost, every `interval`
