@@ -12,7 +12,7 @@ fn snippet() -> String {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .expect("README.md reads");
     let section = readme
-        .split("### Publishing a request yourself")
+        .split("## Publishing a request yourself")
         .nth(1)
         .expect("the README has a \"Publishing a request yourself\" section");
     let start = section.find("```python\n").expect("a python block") + "```python\n".len();
