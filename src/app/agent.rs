@@ -43,7 +43,10 @@ impl Drop for Agent {
 
 impl Agent {
     pub async fn start(args: RunArgs, metrics: Arc<Metrics>) -> anyhow::Result<Agent> {
-        warn_if_kafka_silent(&args);
+        // Stops with the agent, or at once when start-up fails.
+        let probing = CancellationToken::new();
+        let stop_probing = probing.clone().drop_guard();
+        watch_kafka(&args, probing.clone());
         let target = errors::database_target(&args.db.database_url);
         let pool =
             crate::persist::db::pool(&args.db).with_context(|| format!("database at {target}"))?;
@@ -105,6 +108,12 @@ impl Agent {
             consumers.push(shared);
             polls.push(poll);
         }
+        stop_probing.disarm();
+        let shutdown = life.shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            probing.cancel();
+        });
         Ok(Agent {
             metrics,
             shutdown: life.shutdown.clone(),
@@ -135,12 +144,30 @@ impl Agent {
 }
 
 /// The consumers wait for Kafka without a word while an address accepts connections but never
-/// answers: a probe beside them says so within seconds, naming the address.
-fn warn_if_kafka_silent(args: &RunArgs) {
+/// answers, and say nothing when it comes back before they join: a probe beside them warns
+/// within seconds, naming the address, and keeps probing until the brokers answer.
+fn watch_kafka(args: &RunArgs, stop: CancellationToken) {
     let kafka = args.kafka.clone();
     tokio::spawn(async move {
-        if let Err(e) = kafka_health::probe(&kafka, kafka_health::PROBE_TIMEOUT).await {
-            tracing::warn!(error = %e, "kafka does not answer yet; the agent keeps trying");
+        let mut warned = false;
+        loop {
+            let probe = kafka_health::probe(&kafka, kafka_health::PROBE_TIMEOUT);
+            let answered = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = probe => r,
+            };
+            match answered {
+                Ok(()) => return kafka_health::healthy(),
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %e, "kafka does not answer yet; the agent keeps trying")
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(kafka_health::PROBE_TIMEOUT) => {}
+            }
         }
     });
 }

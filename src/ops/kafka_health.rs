@@ -148,10 +148,11 @@ pub fn client_log(level: RDKafkaLogLevel, fac: &str, msg: &str) {
     }
 }
 
-/// Kafka answered: says so once if it was unreachable.
+/// Kafka answered: says so once if it was unreachable (at info, under this module's target:
+/// the default filter keeps only librdkafka's warnings).
 pub fn healthy() {
     if let Some(line) = Trouble::global().healthy(Instant::now()) {
-        tracing::info!(target: "librdkafka", "{line}");
+        tracing::info!("{line}");
     }
 }
 
