@@ -81,7 +81,8 @@ impl Trouble {
     /// Kafka answered (a message, an assignment, an acknowledgement): the line saying so when
     /// it was unreachable, and every kind of trouble is forgotten.
     pub fn healthy(&self, now: Instant) -> Option<String> {
-        if !self.any.swap(false, Ordering::AcqRel) {
+        // Called for every consumed message: a read, not a write, while all is well.
+        if !self.any.load(Ordering::Acquire) || !self.any.swap(false, Ordering::AcqRel) {
             return None;
         }
         let mut episodes = self.episodes.lock().expect("trouble lock");
