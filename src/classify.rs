@@ -1,5 +1,5 @@
-//! The one place that turns any failure into a disposition. The README's classification table
-//! is this file.
+//! The one place that turns any failure into a disposition. The classification table of
+//! docs/failures.md is this file.
 
 use tokio_postgres::error::SqlState;
 

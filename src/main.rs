@@ -3,12 +3,14 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use persistence_agent::app::agent::Agent;
 use persistence_agent::app::http;
 use persistence_agent::kafka::topics;
 use persistence_agent::ops::config::{DatabaseArgs, KafkaArgs, LogFormat, RunArgs};
 use persistence_agent::ops::metrics::Metrics;
+use persistence_agent::ops::{errors, kafka_health};
 use persistence_agent::persist::db;
 use persistence_agent::tools::{dlq, produce};
 use tracing_subscriber::EnvFilter;
@@ -95,7 +97,10 @@ async fn main() -> std::process::ExitCode {
     match dispatch(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "persistence-agent failed");
+            tracing::error!(
+                error = errors::render_anyhow(&e),
+                "persistence-agent failed"
+            );
             std::process::ExitCode::FAILURE
         }
     }
@@ -108,8 +113,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             db,
             sample_catalogue,
         } => {
-            let pool = db::pool(&db)?;
-            let applied = db::migrate(&pool).await?;
+            let target = errors::database_target(&db.database_url);
+            let pool = db::pool(&db).with_context(|| format!("database at {target}"))?;
+            let applied = db::migrate(&pool)
+                .await
+                .with_context(|| format!("migrating the database at {target}"))?;
             if sample_catalogue {
                 db::insert_sample_catalogue(&pool).await?;
             }
@@ -191,6 +199,7 @@ async fn create_topics(
     partitions: i32,
     replication: i32,
 ) -> anyhow::Result<()> {
+    kafka_health::probe(kafka, kafka_health::PROBE_TIMEOUT).await?;
     let wanted: Vec<(String, i32, i32)> = topics
         .iter()
         .map(|t| (t.clone(), partitions, replication))

@@ -1,6 +1,7 @@
 //! Deployment artefacts checked without Docker or Kubernetes: docker-compose.yml against the
 //! compose-spec schema, environment variables against the service's configuration, and the helm
-//! chart with Helm's own linter (scripts/check-deploy.py).
+//! chart with Helm's own linter, rendered with Helm's library and validated against the
+//! Kubernetes schemas (scripts/check-deploy.py).
 
 use std::process::Command;
 
@@ -10,7 +11,7 @@ fn compose_file_helm_chart_and_env_vars_are_consistent_and_valid() {
     let out = Command::new("python3")
         .arg(format!("{root}/scripts/check-deploy.py"))
         .output()
-        .expect("python3 runs (install: pip install jsonschema pyyaml; pip install --ignore-requires-python helm-sdkpy cffi)");
+        .expect("python3 runs (install: pip install jsonschema pyyaml helm-python-sdk kubernetes-validate; pip install --ignore-requires-python helm-sdkpy cffi)");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +15,7 @@ use crate::kafka::{AgentContext, Limits, PollLoop, Shared};
 use crate::ops::config::{ClientRole, RunArgs, DEFAULT_QUEUED_MAX_KBYTES};
 use crate::ops::lifecycle::Lifecycle;
 use crate::ops::metrics::Metrics;
+use crate::ops::{errors, kafka_health};
 use crate::persist::{BatchConfig, Persister};
 use crate::pipeline::Pipeline;
 use crate::route::producer;
@@ -41,9 +43,17 @@ impl Drop for Agent {
 
 impl Agent {
     pub async fn start(args: RunArgs, metrics: Arc<Metrics>) -> anyhow::Result<Agent> {
-        let pool = crate::persist::db::pool(&args.db)?;
+        // Stops with the agent, or at once when start-up fails.
+        let probing = CancellationToken::new();
+        let stop_probing = probing.clone().drop_guard();
+        watch_kafka(&args, probing.clone());
+        let target = errors::database_target(&args.db.database_url);
+        let pool =
+            crate::persist::db::pool(&args.db).with_context(|| format!("database at {target}"))?;
         if args.migrate_on_start {
-            let applied = crate::persist::db::migrate(&pool).await?;
+            let applied = crate::persist::db::migrate(&pool)
+                .await
+                .with_context(|| format!("migrating the database at {target}"))?;
             tracing::info!(?applied, "migrations applied");
         }
         let topology = Topology::new(&args.retry)?;
@@ -98,6 +108,12 @@ impl Agent {
             consumers.push(shared);
             polls.push(poll);
         }
+        stop_probing.disarm();
+        let shutdown = life.shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            probing.cancel();
+        });
         Ok(Agent {
             metrics,
             shutdown: life.shutdown.clone(),
@@ -125,6 +141,35 @@ impl Agent {
             .iter()
             .all(|c| c.joined.load(Ordering::Acquire))
     }
+}
+
+/// The consumers wait for Kafka without a word while an address accepts connections but never
+/// answers, and say nothing when it comes back before they join: a probe beside them warns
+/// within seconds, naming the address, and keeps probing until the brokers answer.
+fn watch_kafka(args: &RunArgs, stop: CancellationToken) {
+    let kafka = args.kafka.clone();
+    tokio::spawn(async move {
+        let mut warned = false;
+        loop {
+            let probe = kafka_health::probe(&kafka, kafka_health::PROBE_TIMEOUT);
+            let answered = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = probe => r,
+            };
+            match answered {
+                Ok(()) => return kafka_health::healthy(),
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %e, "kafka does not answer yet; the agent keeps trying")
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(kafka_health::PROBE_TIMEOUT) => {}
+            }
+        }
+    });
 }
 
 /// Refreshes the parked-key gauges and releases keys whose head is lost, every `interval`

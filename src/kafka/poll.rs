@@ -19,6 +19,7 @@ use super::rebalance::{AgentContext, Shared};
 use super::worker::Job;
 use crate::classify::Failure;
 use crate::message::headers;
+use crate::ops::kafka_health;
 use crate::ops::lifecycle::Lifecycle;
 
 /// How much work the loop lets out at once, and how long it waits.
@@ -111,8 +112,12 @@ impl PollLoop {
             }
             match self.consumer.poll(POLL_TIMEOUT) {
                 None => {}
-                Some(Ok(m)) => self.dispatch(m.detach()),
-                Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+                Some(Ok(m)) => {
+                    kafka_health::healthy();
+                    self.dispatch(m.detach())
+                }
+                // Repeats many times a second while the brokers are down: said once.
+                Some(Err(e)) => kafka_health::client_error(&e, ""),
             }
         }
         tracing::info!("shutting down: draining in-flight messages");

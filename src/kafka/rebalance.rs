@@ -12,6 +12,7 @@ use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::offsets::{OffsetTracker, TopicPartition};
 use crate::message::ownership::Ownership;
+use crate::ops::kafka_health;
 use crate::ops::metrics::Metrics;
 
 /// A worker's report on one message.
@@ -51,6 +52,14 @@ pub struct AgentContext {
 }
 
 impl ClientContext for AgentContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        kafka_health::client_log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        kafka_health::client_error(&error, reason);
+    }
+
     fn stats(&self, stats: Statistics) {
         let lag = stats
             .topics
@@ -118,6 +127,7 @@ impl ConsumerContext for AgentContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let tps = topic_partitions(tpl);
+                kafka_health::healthy();
                 tracing::info!(partitions = ?tps, "partitions assigned");
                 let mut tracker = self.shared.tracker.lock().expect("tracker lock");
                 tps.into_iter().for_each(|tp| tracker.assign(tp));

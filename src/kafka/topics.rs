@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::ops::config::{ClientRole, KafkaArgs};
+use crate::ops::kafka_health::QuietContext;
 
 /// Creates `topics` (name, partitions, replication); existing ones are left alone. Returns
 /// the names created.
@@ -19,8 +19,9 @@ pub async fn create(
     if topics.is_empty() {
         return Ok(vec![]);
     }
-    let admin: AdminClient<DefaultClientContext> =
-        kafka.client_config(ClientRole::Admin, &[])?.create()?;
+    let admin: AdminClient<QuietContext> = kafka
+        .client_config(ClientRole::Admin, &[])?
+        .create_with_context(QuietContext)?;
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|(t, p, r)| NewTopic::new(t, *p, TopicReplication::Fixed(*r)))
@@ -39,7 +40,9 @@ pub async fn create(
 
 /// Partition count and replication factor of an existing topic.
 pub fn shape(kafka: &KafkaArgs, topic: &str) -> anyhow::Result<(i32, i32)> {
-    let client: BaseConsumer = kafka.client_config(ClientRole::Admin, &[])?.create()?;
+    let client: BaseConsumer<QuietContext> = kafka
+        .client_config(ClientRole::Admin, &[])?
+        .create_with_context(QuietContext)?;
     let md = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let t = md
         .topics()

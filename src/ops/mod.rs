@@ -2,6 +2,8 @@
 //! and metrics together), and the process's stop state.
 
 pub mod config;
+pub mod errors;
 pub mod events;
+pub mod kafka_health;
 pub mod lifecycle;
 pub mod metrics;

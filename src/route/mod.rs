@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 
 use crate::classify::{Disposition, Failure};
 use crate::message::envelope::Envelope;
+use producer::FutureProducer;
 
 pub mod headers;
 pub mod producer;

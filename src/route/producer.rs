@@ -4,10 +4,14 @@
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::ops::config::{ClientRole, KafkaArgs};
+use crate::ops::kafka_health::{self, QuietContext};
+
+/// The agent's producers: their librdkafka trouble is reported once, not per retry.
+pub type FutureProducer = rdkafka::producer::FutureProducer<QuietContext>;
 
 /// Producer settings for every record the agent writes: nothing is acknowledged until all
 /// in-sync replicas have it, and retries never duplicate or reorder.
@@ -26,7 +30,7 @@ pub fn producer_with(kafka: &KafkaArgs, extra: &[(&str, &str)]) -> anyhow::Resul
     defaults.extend_from_slice(extra);
     Ok(kafka
         .client_config(ClientRole::Producer, &defaults)?
-        .create()?)
+        .create_with_context(QuietContext)?)
 }
 
 /// Forwarded failures are few, and a retry consumer seeks back to each one: one record per
@@ -68,7 +72,10 @@ pub async fn send_acked(
 /// The broker's acknowledgement of an enqueued record.
 pub async fn acked(delivery: DeliveryFuture) -> Result<(), KafkaError> {
     match delivery.await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(_)) => {
+            kafka_health::healthy();
+            Ok(())
+        }
         Ok(Err((e, _))) => Err(e),
         Err(_) => Err(KafkaError::Canceled),
     }

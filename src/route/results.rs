@@ -7,9 +7,9 @@ use std::time::Duration;
 use apache_avro::Schema;
 use chrono::Utc;
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
 
-use super::producer::{acked, fatal_error, is_too_large, send_queued};
+use super::producer::{acked, fatal_error, is_too_large, send_queued, FutureProducer};
 use super::Destination;
 use crate::classify::Failure;
 use crate::message::envelope::Envelope;

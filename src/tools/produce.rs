@@ -7,10 +7,13 @@ use std::time::{Duration, Instant};
 
 use apache_avro::Schema;
 use clap::{Args, ValueEnum};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+
+use crate::route::producer::FutureProducer;
 
 use crate::message::model::{JustifiedBook, PersistenceRequest, ReaderContext, RequestMetadata};
 use crate::ops::config::KafkaArgs;
+use crate::ops::kafka_health;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum WireFormat {
@@ -236,6 +239,8 @@ fn poison(rng: &mut fastrand::Rng, seq: u64, users: u32) -> (String, Vec<u8>) {
 }
 
 pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
+    // Fails in seconds with the address, rather than after every record's 30 s timeout.
+    kafka_health::probe(&args.kafka, kafka_health::PROBE_TIMEOUT).await?;
     let producer: FutureProducer = crate::route::producer::producer(&args.kafka)?;
     let requests = if args.sample {
         Vec::new()

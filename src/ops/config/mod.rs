@@ -1,5 +1,5 @@
 //! Runtime configuration. Every setting is an environment variable with an equivalent `--flag`;
-//! the README's configuration table mirrors the doc comments here.
+//! docs/configuration.md's table mirrors the doc comments here.
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -138,7 +138,7 @@ enum Replayed {
 
 async fn replay_one(
     db: &mut deadpool_postgres::Object,
-    producer: &rdkafka::producer::FutureProducer,
+    producer: &crate::route::producer::FutureProducer,
     d: &DeadLetter,
 ) -> anyhow::Result<Replayed> {
     let Some(target) = d.header(headers::ORIGINAL_TOPIC) else {
