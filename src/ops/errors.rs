@@ -28,7 +28,7 @@ pub fn render_anyhow(err: &anyhow::Error) -> String {
 /// Where a PostgreSQL URL (or key=value string) points: `host:port/dbname`, without the user's
 /// password, for error messages.
 pub fn database_target(url: &str) -> String {
-    let Ok(cfg) = url.parse::<tokio_postgres::Config>() else {
+    let Ok((cfg, _)) = super::config::parse_database_url(url) else {
         return "an unparsable DATABASE_URL".into();
     };
     let ports = cfg.get_ports();

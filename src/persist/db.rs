@@ -1,11 +1,12 @@
-//! Connection pool and migrations.
+//! Connection pool (TLS as `DATABASE_URL`'s `sslmode` says) and migrations.
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 use crate::ops::config::DatabaseArgs;
+
+mod tls;
 
 /// Versioned migrations, embedded at build time; applied in order, each once.
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -18,10 +19,8 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
 const MIGRATION_LOCK_KEY: &str = "persistence-agent.migrate";
 
 pub fn pool(args: &DatabaseArgs) -> anyhow::Result<Pool> {
-    let mut cfg: tokio_postgres::Config = args
-        .database_url
-        .parse()
-        .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))?;
+    let (mut cfg, tls) =
+        crate::ops::config::parse_database_url(&args.database_url).map_err(anyhow::Error::msg)?;
     if !args.database_schema.is_empty() {
         cfg.options(format!("-c search_path={}", args.database_schema));
     }
@@ -36,7 +35,7 @@ pub fn pool(args: &DatabaseArgs) -> anyhow::Result<Pool> {
         .tcp_user_timeout(Duration::from_secs(30));
     let mgr = Manager::from_config(
         cfg,
-        NoTls,
+        tls::connector(&tls)?,
         ManagerConfig {
             // Connections dropped mid-transaction never return to the pool (persist::Checkout).
             recycling_method: RecyclingMethod::Fast,

@@ -598,6 +598,8 @@ pub struct TestCluster {
     dir: std::path::PathBuf,
     bindir: std::path::PathBuf,
     pub port: u16,
+    /// Extra `postgres` options, e.g. `-c ssl=on -c ssl_cert_file=…`.
+    opts: String,
 }
 
 fn is_root() -> bool {
@@ -610,6 +612,11 @@ fn is_root() -> bool {
 
 impl TestCluster {
     pub fn start_new() -> TestCluster {
+        Self::start_new_with("")
+    }
+
+    /// A cluster started with extra `postgres` options (`-c ssl=on …`).
+    pub fn start_new_with(opts: &str) -> TestCluster {
         let bindir = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|d| {
@@ -632,7 +639,13 @@ impl TestCluster {
                 .unwrap()
                 .success());
         }
-        let c = TestCluster { dir, bindir, port };
+        let opts = opts.to_string();
+        let c = TestCluster {
+            dir,
+            bindir,
+            port,
+            opts,
+        };
         let data = c.dir.join("data");
         c.pg(
             "initdb",
@@ -677,9 +690,10 @@ impl TestCluster {
         let data = self.dir.join("data");
         let log = self.dir.join("server.log");
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off {}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.opts
         );
         self.pg(
             "pg_ctl",

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+mod database;
 mod kafka;
+pub use database::{parse as parse_database_url, DatabaseTls, SslMode};
 pub use kafka::{ClientRole, KafkaArgs, KAFKA_PASSTHROUGH_PREFIX};
 
 pub const DEFAULT_GROUP_ID: &str = "persistence-agent";
