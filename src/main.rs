@@ -90,9 +90,21 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // Before the runtime's threads exist: it sets environment variables.
+    if let Err(e) = persistence_agent::ops::config::secret_files::resolve() {
+        eprintln!("persistence-agent: {}", errors::render_anyhow(&e));
+        return std::process::ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts")
+        .block_on(agent_main(cli))
+}
+
+async fn agent_main(cli: Cli) -> std::process::ExitCode {
     init_logs(cli.log_format);
     match dispatch(cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

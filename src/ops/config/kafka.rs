@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use clap::Args;
 
 /// Prefix of environment variables passed verbatim to librdkafka:
-/// `KAFKA_CONFIG_security.protocol=SASL_SSL` sets `security.protocol`.
+/// `KAFKA_CONFIG_security.protocol=SASL_SSL` sets `security.protocol`;
+/// `KAFKA_CONFIG_sasl.password_FILE=/path` reads `sasl.password` from a file.
 pub const KAFKA_PASSTHROUGH_PREFIX: &str = "KAFKA_CONFIG_";
 
 /// Kafka connection settings shared by every subcommand that talks to the brokers.
@@ -30,6 +31,8 @@ impl KafkaArgs {
                 k.strip_prefix(KAFKA_PASSTHROUGH_PREFIX)
                     .map(|key| (key.to_string(), v))
             })
+            // `KAFKA_CONFIG_<key>_FILE` names a file for `<key>` (`secret_files`), not a setting.
+            .filter(|(k, _)| !k.ends_with(super::secret_files::FILE_SUFFIX))
             .collect();
         for kv in &self.kafka_config {
             let (k, v) = kv

@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 
 mod database;
 mod kafka;
+pub mod secret_files;
 pub use database::{parse as parse_database_url, DatabaseTls, SslMode};
 pub use kafka::{ClientRole, KafkaArgs, KAFKA_PASSTHROUGH_PREFIX};
 
@@ -43,7 +44,9 @@ pub const DEFAULT_REAPER_INTERVAL: &str = "60s";
 /// PostgreSQL settings shared by `run` and `migrate`.
 #[derive(Args, Clone)]
 pub struct DatabaseArgs {
-    /// PostgreSQL connection URL (required). Never logged: it may hold a password.
+    /// PostgreSQL connection URL (required), libpq's TLS settings included (`sslmode`,
+    /// `sslrootcert`, `sslcert`, `sslkey`). Never logged: it may hold a password.
+    /// `DATABASE_URL_FILE` names a file holding it instead (read in `secret_files`).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
@@ -115,6 +118,7 @@ pub struct RunArgs {
     pub results_format: ResultsFormat,
 
     /// Confluent-compatible Schema Registry for Avro schema ids; unset uses schemas/ids.json.
+    /// `SCHEMA_REGISTRY_URL_FILE` names a file holding it instead (it may hold basic auth).
     #[arg(long, env = "SCHEMA_REGISTRY_URL")]
     pub schema_registry_url: Option<String>,
 

@@ -1,0 +1,218 @@
+//! Secrets from files (`DATABASE_URL_FILE`, `KAFKA_CONFIG_<key>_FILE`) and secrets kept out of
+//! every log line and error message, whatever fails: the binary runs as a subprocess and its
+//! whole output is searched for the password.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const PASSWORD: &str = "pw-Xq7vL2-never-logged";
+const KAFKA_PASSWORD: &str = "kpw-9TzR4-never-logged";
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(common::unique("pa-secrets"));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn file(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The agent binary with only the given variables (and PATH) set.
+fn agent(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_persistence-agent"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "debug")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The local server's address with a password and a user of the test's own.
+fn url_with_password(user: &str, host_port: &str, query: &str) -> String {
+    format!("postgres://{user}:{PASSWORD}@{host_port}/postgres{query}")
+}
+
+#[test]
+fn database_url_file_is_read_with_its_trailing_newline_trimmed() {
+    let dir = TempDir::new();
+    let schema = common::unique("t_secretfile");
+    let url = format!("{}\n", common::database_url());
+    let file = dir.file("database-url", &url);
+    let out = agent(
+        &["migrate"],
+        &[
+            ("DATABASE_URL_FILE", file.to_str().unwrap()),
+            ("DATABASE_SCHEMA", &schema),
+        ],
+    );
+    drop_schema(&schema);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("migrations applied: [1, 2, 3]"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_secret_set_both_directly_and_from_a_file_is_refused() {
+    let dir = TempDir::new();
+    let file = dir.file("database-url", &common::database_url());
+    let out = agent(
+        &["migrate"],
+        &[
+            ("DATABASE_URL", &common::database_url()),
+            ("DATABASE_URL_FILE", file.to_str().unwrap()),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("both DATABASE_URL and DATABASE_URL_FILE are set"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn the_passwords_appear_in_no_log_line_whatever_fails() {
+    let dir = TempDir::new();
+    let ca = other_ca(&dir);
+    let closed = format!("127.0.0.1:{}", common::free_port());
+    let local = common::database_url();
+    let local = local
+        .split('@')
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_string();
+    let failures = [
+        (
+            "unknown user",
+            url_with_password("pa_nobody", &local, "?sslmode=disable"),
+        ),
+        (
+            "unreachable host",
+            url_with_password("postgres", &closed, ""),
+        ),
+        (
+            "tls refused",
+            url_with_password(
+                "postgres",
+                &local,
+                &format!("?sslmode=verify-full&sslrootcert={}", ca.display()),
+            ),
+        ),
+        (
+            "bad url",
+            format!("postgres://postgres:{PASSWORD}@[::1/postgres"),
+        ),
+    ];
+    let kafka_password = dir.file("sasl-password", &format!("{KAFKA_PASSWORD}\n"));
+    for (what, url) in failures {
+        let url_file = dir.file("database-url", &url);
+        for command in [&["migrate"][..], &["run", "--fatal-linger=0s"][..]] {
+            let out = agent(
+                command,
+                &[
+                    ("DATABASE_URL_FILE", url_file.to_str().unwrap()),
+                    ("KAFKA_BROKERS", &common::brokers()),
+                    ("KAFKA_CONFIG_security.protocol", "SASL_PLAINTEXT"),
+                    ("KAFKA_CONFIG_sasl.mechanism", "SCRAM-SHA-512"),
+                    ("KAFKA_CONFIG_sasl.username", "agent"),
+                    (
+                        "KAFKA_CONFIG_sasl.password_FILE",
+                        kafka_password.to_str().unwrap(),
+                    ),
+                    ("HTTP_ADDR", &format!("127.0.0.1:{}", common::free_port())),
+                ],
+            );
+            let all = text(&out);
+            assert!(
+                !out.status.success(),
+                "{what}, {command:?} should fail: {all}"
+            );
+            assert!(all.contains("error"), "{what}, {command:?} says why: {all}");
+            assert!(
+                !all.contains(PASSWORD),
+                "{what}, {command:?} leaks the database password: {all}"
+            );
+            assert!(
+                !all.contains(KAFKA_PASSWORD),
+                "{what}, {command:?} leaks the sasl password: {all}"
+            );
+        }
+    }
+}
+
+/// A CA that signed nothing the local server holds.
+fn other_ca(dir: &TempDir) -> PathBuf {
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other",
+        ])
+        .current_dir(&dir.0)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.0.join("ca.pem")
+}
+
+fn drop_schema(schema: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (client, conn) =
+            tokio_postgres::connect(&common::database_url(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .await
+            .unwrap();
+    });
+}
