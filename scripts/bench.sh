@@ -11,9 +11,11 @@
 # Each run prints requests/s, its ratio to the ceilings, CPU per request, conflict retries per
 # 1,000 and peak RSS.
 #   scripts/bench.sh [N]   N=100000 USERS=10000 FORMAT=mixed CEILING_SECONDS=20 (0 skips them)
-#                          RUNS="unbatched batched scale latency" PROFILE=<perf.data> (the
-#                          batched run); DATABASE_URL / KAFKA_BROKERS as scripts/test.sh. Agent
-#                          settings (BATCH_MAX, WORKERS, ...) pass through the environment.
+#                          RUNS="unbatched batched scale latency" (also: alt, with ALT_AGENT=<binary>)
+#                          PROFILE=<perf.data> (the
+#                          batched run), AGENT=<binary> (else a release build); DATABASE_URL /
+#                          KAFKA_BROKERS as scripts/test.sh. Agent settings (BATCH_MAX, WORKERS,
+#                          ...) pass through the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -22,21 +24,21 @@ users=${USERS:-10000}
 format=${FORMAT:-mixed}
 runs=${RUNS:-unbatched batched scale latency}
 pool=${DATABASE_POOL_SIZE:-16}
-batch_max=${BATCH_MAX:-32}
-batch_conc=${BATCH_CONCURRENCY:-4}
+batch_max=${BATCH_MAX:-64}
+batch_conc=${BATCH_CONCURRENCY:-2}
 ensure_postgres
 ensure_kafka
-cargo build --release --locked --bin persistence-agent >&2
-agent=target/release/persistence-agent
+agent=${AGENT:-target/release/persistence-agent}
+[ -n "${AGENT:-}" ] || cargo build --release --locked --bin persistence-agent >&2
 id=$(date +%s)-$$
 export RUST_LOG=warn KAFKA_RESULTS_TOPIC=bench.results.$id
 pids=() schemas=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
   for s in "${schemas[@]}"; do psql "$DATABASE_URL" -qc "DROP SCHEMA IF EXISTS $s CASCADE" 2>/dev/null || true; done
 }
-trap cleanup EXIT
+# After the broker and database helpers' own exit steps are registered (lib.sh at_exit).
+at_exit cleanup
 
 single= batched=
 if [ "${CEILING_SECONDS:-20}" != 0 ]; then
@@ -64,7 +66,7 @@ start_agents() {
   for _ in $(seq 1 "$k"); do
     local addr=127.0.0.1:$(free_port)
     env DATABASE_SCHEMA=bench_$run KAFKA_INPUT_TOPICS=$topic KAFKA_GROUP_ID=bench-$run \
-      HTTP_ADDR=$addr "$@" $agent run &
+      HTTP_ADDR=$addr "$@" "${run_agent:-$agent}" run &
     run_pids+=($!) pids+=($!) addrs+=("$addr")
   done
   local a; for a in "${addrs[@]}"; do until curl -sf "http://$a/healthz" >/dev/null; do alive; sleep 0.1; done; done
@@ -115,8 +117,11 @@ echo "loaded          $n requests ($format, $users users, 1-5 books, 6 partition
 rate=
 for r in $runs; do
   case $r in
-    unbatched) measure unbatched 1 BATCH_MAX=1 ;;
+    # Unbatched, each worker runs its own transaction: as many workers as connections.
+    unbatched) measure unbatched 1 BATCH_MAX=1 WORKERS="$pool" ;;
     batched) measure batched 1; best=$rate ;;
+    # ALT_AGENT=<binary>: the same batched run with another build, for an A/B in one run.
+    alt) run_agent=$ALT_AGENT measure "alt batched" 1; run_agent= ;;
     scale) measure "2 agents" 2; measure "4 agents" 4 ;;
     latency)
       # Half the batched rate (or of the last run), JSON so the script can match request ids.

@@ -53,6 +53,10 @@ def service_env_vars():
     names = set()
     for path in (ROOT / "src").rglob("*.rs"):
         names |= set(re.findall(r'env = "([A-Z_]+)"', path.read_text()))
+    # Secrets read from a file (X_FILE), resolved before clap parses.
+    files = (ROOT / "src" / "ops" / "config" / "secret_files.rs").read_text()
+    listed = re.search(r"const FROM_FILE: &\[&str\] = &\[([^\]]*)\]", files).group(1)
+    names |= {f"{n}_FILE" for n in re.findall(r'"([A-Z_]+)"', listed)}
     # Read by librdkafka pass-through and tracing rather than clap.
     return names | {"RUST_LOG"}
 
@@ -117,6 +121,8 @@ def helm_env_checks(known):
     keys = set(re.findall(r"^  ([A-Z_]+):", configmap, re.M))
     pod = (CHART / "templates" / "_helpers.tpl").read_text()
     keys |= set(re.findall(r"- name: ([A-Z_]+)", pod))
+    # KAFKA_CONFIG_<key>[_FILE]: librdkafka's pass-through, any key.
+    keys = {k for k in keys if not k.startswith("KAFKA_CONFIG_")}
     check(not (keys - known), f"helm ConfigMap sets only variables the service reads {sorted(keys - known)}")
     # Helm reads numbers as float64: quoted without `int64`, 1048576 becomes "1.048576e+06".
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -217,6 +223,36 @@ def env_names(objects):
     return {n for n in names if not n.startswith("KAFKA_CONFIG_")}
 
 
+def secret_file_problems(objects):
+    """Secrets reach the agent as mounted files only: no Secret in a container's environment,
+    and every *_FILE variable names a key of a Secret mounted at its directory."""
+    secrets = {o["metadata"]["name"]: {**o.get("data", {}), **o.get("stringData", {})}
+               for o in objects if o["kind"] == "Secret"}
+    problems = []
+    for o in objects:
+        if o["kind"] not in ("Deployment", "Job"):
+            continue
+        pod = o["spec"]["template"]["spec"]
+        volumes = {v["name"]: v.get("secret", {}).get("secretName") for v in pod.get("volumes", [])}
+        for c in pod.get("containers", []):
+            what = f"{o['kind']}/{o['metadata']['name']}"
+            if any("secretRef" in src for src in c.get("envFrom", [])) or any(
+                    "secretKeyRef" in e.get("valueFrom", {}) for e in c.get("env", [])):
+                problems.append(f"{what}: a Secret in the environment")
+            mounts = {m["mountPath"]: volumes.get(m["name"]) for m in c.get("volumeMounts", [])}
+            files = {e["name"]: e.get("value", "") for e in c.get("env", []) if e["name"].endswith("_FILE")}
+            if "DATABASE_URL_FILE" not in files:
+                problems.append(f"{what}: no DATABASE_URL_FILE")
+            for name, path in files.items():
+                folder, key = path.rsplit("/", 1)
+                secret = mounts.get(folder)
+                if secret is None:
+                    problems.append(f"{what}: {name} points outside a mounted Secret")
+                elif secret in secrets and key not in secrets[secret]:
+                    problems.append(f"{what}: {name} names {key}, which Secret {secret} lacks")
+    return problems
+
+
 def render_checks(known):
     import kubernetes_validate
 
@@ -242,6 +278,8 @@ def render_checks(known):
         check(not invalid, f"rendered objects ({name}) validate against Kubernetes {K8S_VERSION} {invalid}")
         unknown = sorted(env_names(objects) - known)
         check(not unknown, f"rendered workloads ({name}) set only variables the service reads {unknown}")
+        problems = secret_file_problems(objects)
+        check(not problems, f"rendered workloads ({name}) read secrets from mounted files only {problems}")
 
 
 def main():

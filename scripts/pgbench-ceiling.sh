@@ -20,7 +20,7 @@ ensure_postgres
 schema=pgbench_$(date +%s)_$$
 work=$(mktemp -d)
 cleanup() { [ -z "${KEEP_SCRIPTS:-}" ] || cp "$work"/*.sql "$KEEP_SCRIPTS"/; psql "$DATABASE_URL" -qc "DROP SCHEMA IF EXISTS $schema CASCADE" 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+at_exit cleanup
 cargo build --release --locked --bin persistence-agent >&2
 DATABASE_SCHEMA=$schema target/release/persistence-agent migrate --sample-catalogue >/dev/null
 psql "$DATABASE_URL" -qc "INSERT INTO $schema.partition_owner (topic, partition, generation)

@@ -85,8 +85,8 @@ impl Agent {
             ));
         }
         let tasks = plans.len() * args.workers.max(1);
-        if tasks > args.db.database_pool_size {
-            // Not a warning: the defaults (two consumers of 16 workers, 16 connections) do it.
+        // Batched, workers wait for their batch, not for a connection: only unbatched is it news.
+        if args.batch_max == 1 && tasks > args.db.database_pool_size {
             tracing::info!(
                 workers = tasks,
                 pool = args.db.database_pool_size,

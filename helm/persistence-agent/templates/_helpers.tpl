@@ -72,11 +72,16 @@ containers:
     env:
       - name: AGENT_ROLE
         value: {{ .role }}
+      {{- include "pa.secretFileEnv" .root | nindent 6 }}
     envFrom:
       - configMapRef:
           name: {{ include "pa.fullname" .root }}
-      - secretRef:
-          name: {{ include "pa.secretName" .root }}
+    # Secrets are files (the Kubernetes convention): never in the environment, where a crash
+    # dump or `kubectl describe` of a child process could show them.
+    volumeMounts:
+      - name: secrets
+        mountPath: /etc/persistence-agent/secrets
+        readOnly: true
     ports:
       - name: http
         containerPort: 8080
@@ -104,6 +109,11 @@ containers:
       {{- toYaml .resources | nindent 6 }}
     securityContext:
       {{- toYaml .root.Values.securityContext | nindent 6 }}
+volumes:
+  - name: secrets
+    secret:
+      secretName: {{ include "pa.secretName" .root }}
+      defaultMode: 0440
 {{- with .root.Values.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -115,5 +125,18 @@ tolerations:
 {{- with .root.Values.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+
+{{/* The *_FILE variables naming the mounted Secret's keys: DATABASE_URL and each secret
+librdkafka setting (kafkaSecretConfig, or existingSecretKafkaKeys of an existing Secret). */}}
+{{- define "pa.secretFileEnv" -}}
+- name: DATABASE_URL_FILE
+  value: /etc/persistence-agent/secrets/DATABASE_URL
+{{- $keys := concat (keys .Values.kafkaSecretConfig | sortAlpha) .Values.existingSecretKafkaKeys }}
+{{- range $keys }}
+- name: KAFKA_CONFIG_{{ . }}_FILE
+  value: /etc/persistence-agent/secrets/KAFKA_CONFIG_{{ . }}
 {{- end }}
 {{- end -}}

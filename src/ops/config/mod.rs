@@ -20,10 +20,10 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 pub const DEFAULT_STATEMENT_TIMEOUT: &str = "5s";
 pub const DEFAULT_TXN_BACKOFF: &str = "100ms,500ms,2000ms";
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
-pub const DEFAULT_WORKERS: usize = 16;
-pub const DEFAULT_BATCH_MAX: usize = 32;
+pub const DEFAULT_WORKERS: usize = 192;
+pub const DEFAULT_BATCH_MAX: usize = 64;
 pub const DEFAULT_BATCH_LINGER: &str = "2ms";
-pub const DEFAULT_BATCH_CONCURRENCY: usize = 4;
+pub const DEFAULT_BATCH_CONCURRENCY: usize = 2;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 /// Short next to `max.poll.interval.ms` (300 s) and a rebalance, long next to a transaction.
