@@ -145,10 +145,14 @@ impl Collector {
         let users: Vec<String> = batch.iter().map(|q| q.member.req.user_id.clone()).collect();
         self.busy.extend(users.iter().cloned());
         self.in_flight += 1;
-        let (writer, done) = (self.writer.clone(), self.done_tx.clone());
+        let finished = Finished {
+            users,
+            done: self.done_tx.clone(),
+        };
+        let writer = self.writer.clone();
         tokio::spawn(async move {
+            let _finished = finished;
             writer.write(batch).await;
-            let _ = done.send(users);
         });
         true
     }
@@ -176,6 +180,19 @@ impl Collector {
             _ = sleep => {}
         }
         true
+    }
+}
+
+/// Hands a batch's users back to the collector when its task ends, by a panic too: otherwise
+/// they would stay busy, and their later requests wait forever.
+struct Finished {
+    users: Vec<String>,
+    done: mpsc::UnboundedSender<Vec<String>>,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        let _ = self.done.send(std::mem::take(&mut self.users));
     }
 }
 

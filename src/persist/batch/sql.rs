@@ -123,7 +123,13 @@ pub(super) async fn statements(
     }
     let mut out = Vec::with_capacity(members.len());
     let (mut ids, mut confirmations) = (Vec::new(), Vec::new());
-    for (row, m) in rows.iter().zip(members) {
+    for (i, (row, m)) in rows.iter().zip(members).enumerate() {
+        // Rows come back in input order (ORDER BY the ordinality): check, not assume.
+        if row.get::<_, i32>(0) as usize != i + 1 {
+            return Err(Failure::unexpected(
+                "batch statement returned rows out of order",
+            ));
+        }
         let persisted = outcome(row, m, started)?;
         if persisted.written == Written::New {
             ids.push(m.request_id.as_str());
