@@ -171,35 +171,7 @@ fn the_passwords_appear_in_no_log_line_whatever_fails() {
 
 /// A CA that signed nothing the local server holds.
 fn other_ca(dir: &TempDir) -> PathBuf {
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args([
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=other",
-        ])
-        .current_dir(&dir.0)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir.0.join("ca.pem")
+    common::pki::ca(&dir.0, "other")
 }
 
 fn drop_schema(schema: &str) {

@@ -82,45 +82,11 @@ impl Certs {
     }
 
     fn ca(&self, name: &str) {
-        let (key, pem, subj) = (
-            format!("{name}.key"),
-            format!("{name}.pem"),
-            format!("/CN={name}"),
-        );
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &subj,
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
+        common::pki::ca(&self.dir, name);
     }
 
     fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(&self.dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::pki::openssl(&self.dir, args);
     }
 
     fn path(&self, name: &str) -> PathBuf {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod hostile;
+pub mod pki;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
