@@ -2,6 +2,8 @@
 //! group per test. A missing server fails the test with a message saying what to start.
 #![allow(dead_code)]
 
+pub mod agent_proc;
+pub mod faults;
 pub mod hostile;
 pub mod pki;
 
@@ -877,4 +879,25 @@ impl Env {
     pub fn dlq(&self) -> String {
         format!("{}.dlq", self.topic)
     }
+}
+
+/// Whether the broker knows `topic`.
+pub fn topic_exists(brokers: &str, topic: &str) -> bool {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    md.topics()
+        .first()
+        .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
+}
+
+/// Everything `topic` holds, read until `quiet` passes with no record (after the first
+/// assignment: an empty topic returns nothing).
+pub fn records_quiet(brokers: &str, topic: &str, quiet: Duration) -> Vec<Record> {
+    let len = topic_len(brokers, topic) as usize;
+    records(brokers, topic, len, Duration::from_secs(60).max(quiet * 4))
 }
