@@ -16,6 +16,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::{json, request, Env, Record};
 
+#[allow(unused_imports)]
 pub use super::agent_proc::spawn_agent;
 
 /// A book the catalogue gets only when the scenario calls `add_late_book`.

@@ -130,8 +130,16 @@ impl Collector {
         if self.pending.is_empty() || self.in_flight >= self.cfg.concurrency.max(1) {
             return self.hear(None).await;
         }
-        let deadline =
-            self.pending.front().map_or_else(Instant::now, |q| q.since) + self.cfg.linger;
+        // The linger runs from the oldest request that can go now: one whose user is in a
+        // batch in flight must not cut the wait of the others.
+        let ready = self
+            .pending
+            .iter()
+            .find(|q| !self.busy.contains(&q.member.req.user_id));
+        let Some(oldest) = ready.map(|q| q.since) else {
+            return self.hear(None).await;
+        };
+        let deadline = oldest + self.cfg.linger;
         while self.pending.len() < self.cfg.max && Instant::now() < deadline {
             if !self.hear(Some(deadline)).await {
                 return false;
@@ -260,7 +268,9 @@ impl Writer {
         };
         match outcome {
             Ok(persisted) => {
-                for (reply, p) in replies.into_iter().zip(persisted) {
+                for (reply, mut p) in replies.into_iter().zip(persisted) {
+                    // Conflict retries of the batch are each member's attempts too.
+                    p.attempts += conflicts as u32;
                     let label = p.written.label();
                     self.metrics.txn_attempts.with_label_values(&[label]).inc();
                     let _ = reply.send(Some(p));
