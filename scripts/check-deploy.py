@@ -13,7 +13,10 @@
 5. the chart renders offline with Helm v4's own library (helm-python-sdk) with both value sets,
    every rendered Kubernetes object validates (strictly: no unknown field) against the OpenAPI
    schemas of Kubernetes K8S_VERSION (kubernetes-validate), and every environment variable the
-   rendered Deployments and Job set (directly or through the ConfigMap) is one the service reads.
+   rendered Deployments and Job set (directly or through the ConfigMap) is one the service reads;
+6. migrations: by default a hook Job migrates before the agents, which do not migrate at start-up;
+   the Job reads the owner's URL (migrations.job.databaseUrl or .existingSecret) from a mounted
+   Secret while the agents mount theirs; with the Job off and onStart on, the agents migrate.
 Needs: pip install jsonschema pyyaml helm-python-sdk kubernetes-validate;
        pip install --ignore-requires-python helm-sdkpy cffi (scripts/lib.sh: ensure_python_deps)
 """
@@ -253,12 +256,74 @@ def secret_file_problems(objects):
     return problems
 
 
+OWNER_URL = "postgres://owner:owner-secret@postgres:5432/persistence"
+
+
+def value_sets():
+    """(name, values) the chart is rendered with: defaults, every feature, and each way of
+    running migrations."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    all_on = merge(defaults, yaml.safe_load((CHART / "ci" / "all-features-values.yaml").read_text()))
+    return [
+        ("default values", defaults),
+        ("every feature on", all_on),
+        ("owner URL for the Job", merge(defaults, {"migrations": {"job": {"databaseUrl": OWNER_URL}}})),
+        ("existing Secrets for the Job and the agents",
+         merge(defaults, {"existingSecret": "pa-agent", "migrations": {"job": {"existingSecret": "pa-owner"}}})),
+        ("migrations at start-up", merge(defaults, {"migrations": {"onStart": True, "job": {"enabled": False}}})),
+    ]
+
+
+def migration_problems(values, objects):
+    """What the rendered objects get wrong about who migrates, and with which URL."""
+    job = values["migrations"]["job"]
+    by_kind = {}
+    for o in objects:
+        by_kind.setdefault(o["kind"], []).append(o)
+    secrets = {o["metadata"]["name"]: o.get("stringData", {}) for o in by_kind.get("Secret", [])}
+    config = next(o["data"] for o in by_kind["ConfigMap"] if "MIGRATE_ON_START" in o.get("data", {}))
+    jobs = by_kind.get("Job", [])
+    problems = []
+
+    def mounted(o):
+        pod = o["spec"]["template"]["spec"]
+        return [v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v]
+
+    want_start = values["migrations"]["onStart"] and not job["enabled"]
+    if config["MIGRATE_ON_START"] != str(want_start).lower():
+        problems.append(f"MIGRATE_ON_START is {config['MIGRATE_ON_START']}, not {want_start}")
+    if not job["enabled"] and not values["migrations"]["onStart"]:
+        problems.append("neither a Job nor the agents migrate")
+    if not job["enabled"]:
+        return problems + (["a Job without migrations.job.enabled"] if jobs else [])
+    if len(jobs) != 1:
+        return problems + [f"{len(jobs)} migration Jobs"]
+    hook = jobs[0]["metadata"].get("annotations", {}).get("helm.sh/hook", "")
+    if set(hook.split(",")) != {"pre-install", "pre-upgrade"}:
+        problems.append(f"the Job is not a pre-install/pre-upgrade hook: {hook!r}")
+    agent_secret = values["existingSecret"] or "pa-persistence-agent-secret"
+    job_secret = job["existingSecret"] or (
+        values["existingSecret"] if values["existingSecret"] and not job["databaseUrl"] else "pa-persistence-agent-migrate")
+    if mounted(jobs[0]) != [job_secret]:
+        problems.append(f"the Job mounts {mounted(jobs[0])}, not {job_secret}")
+    for d in by_kind["Deployment"]:
+        if mounted(d) != [agent_secret]:
+            problems.append(f"Deployment/{d['metadata']['name']} mounts {mounted(d)}, not {agent_secret}")
+    if job_secret in secrets:
+        want_url = job["databaseUrl"] or values["database"]["url"]
+        if secrets[job_secret].get("DATABASE_URL") != want_url:
+            problems.append(f"Secret {job_secret} does not hold the Job's URL")
+    elif job_secret.endswith("-migrate"):
+        problems.append(f"the Job's Secret {job_secret} is not rendered")
+    if job["databaseUrl"] and any(job["databaseUrl"] in str(v) for n, v in secrets.items() if n != job_secret):
+        problems.append("the owner's URL reaches the agents' Secret")
+    return problems
+
+
 def render_checks(known):
     import kubernetes_validate
 
-    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
-    all_on = merge(defaults, yaml.safe_load((CHART / "ci" / "all-features-values.yaml").read_text()))
-    for name, values in [("default values", defaults), ("every feature on", all_on)]:
+    for name, values in value_sets():
         objects = rendered_objects(values)
         kinds = sorted({o["kind"] for o in objects})
         check("Deployment" in kinds, f"chart renders with {name}: {len(objects)} objects {kinds}")
@@ -280,6 +345,8 @@ def render_checks(known):
         check(not unknown, f"rendered workloads ({name}) set only variables the service reads {unknown}")
         problems = secret_file_problems(objects)
         check(not problems, f"rendered workloads ({name}) read secrets from mounted files only {problems}")
+        problems = migration_problems(values, objects)
+        check(not problems, f"migrations ({name}): a hook Job with its own URL, or the agents {problems}")
 
 
 def main():

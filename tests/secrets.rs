@@ -190,7 +190,7 @@ fn drop_schema(schema: &str) {
 }
 
 /// The SASL_SSL/SCRAM example of docs/security.md: librdkafka accepts it for every client the
-/// agent makes. No broker here speaks SASL (tansu does not), so a login is not tried.
+/// agent makes (tests/kafka_sasl.rs logs in with it).
 #[test]
 fn the_sasl_ssl_scram_settings_are_accepted_by_librdkafka() {
     use clap::Parser;

@@ -10,63 +10,28 @@ use common::TestCluster;
 use persistence_agent::ops::config::DatabaseArgs;
 use persistence_agent::ops::errors;
 
-/// A CA, a server certificate it signed for `localhost` and 127.0.0.1, and a second CA that
-/// signed nothing the server holds.
+/// A CA, a server certificate it signed for `localhost` and 127.0.0.1, a client certificate it
+/// signed for the user `postgres`, and a second CA that signed only a client certificate.
 struct Certs {
     dir: PathBuf,
 }
+
+const SERVER_EXT: &str = "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+                          keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n";
+const CLIENT_EXT: &str =
+    "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n";
 
 impl Certs {
     fn new() -> Certs {
         let dir = std::env::temp_dir().join(common::unique("pa-tls"));
         std::fs::create_dir_all(&dir).unwrap();
         let c = Certs { dir };
-        c.ca("ca");
-        c.ca("other-ca");
-        std::fs::write(
-            c.path("server.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        c.openssl(
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ]
-            .iter()
-            .chain(&[
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=localhost",
-            ])
-            .copied()
-            .collect::<Vec<_>>(),
-        );
-        c.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-            "-out",
-            "server.pem",
-        ]);
+        common::pki::ca(&c.dir, "ca");
+        common::pki::ca(&c.dir, "other-ca");
+        common::pki::signed(&c.dir, "ca", "server", "localhost", SERVER_EXT);
+        // PostgreSQL's `cert` method maps the certificate's CN to the user name.
+        common::pki::signed(&c.dir, "ca", "client", "postgres", CLIENT_EXT);
+        common::pki::signed(&c.dir, "other-ca", "stranger", "postgres", CLIENT_EXT);
         // The server reads its key as its own user and refuses one others can read.
         if is_root() {
             for p in [&c.dir, &c.path("server.key"), &c.path("server.pem")] {
@@ -81,30 +46,51 @@ impl Certs {
         c
     }
 
-    fn ca(&self, name: &str) {
-        common::pki::ca(&self.dir, name);
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        common::pki::openssl(&self.dir, args);
-    }
-
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
     /// A cluster serving TLS with these certificates.
     fn cluster(&self) -> TestCluster {
+        self.cluster_with("")
+    }
+
+    /// A cluster whose pg_hba.conf lets TCP clients in only with a certificate of `ca.pem`.
+    fn cluster_requiring_client_certificates(&self) -> TestCluster {
+        // `local` stays open: pg_ctl's start-up wait connects over the socket.
+        let hba = self.path("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            "local all all trust\nhostssl all all 127.0.0.1/32 cert\n",
+        )
+        .unwrap();
+        self.cluster_with(&format!(
+            "-c ssl_ca_file={} -c hba_file={}",
+            self.path("ca.pem").display(),
+            hba.display()
+        ))
+    }
+
+    fn cluster_with(&self, opts: &str) -> TestCluster {
         std::fs::set_permissions(
             self.path("server.key"),
             std::os::unix::fs::PermissionsExt::from_mode(0o600),
         )
         .unwrap();
         TestCluster::start_new_with(&format!(
-            "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={} {opts}",
             self.path("server.pem").display(),
             self.path("server.key").display()
         ))
+    }
+
+    /// `sslcert` and `sslkey` of the client certificate `name`.
+    fn client(&self, name: &str) -> String {
+        format!(
+            "sslcert={}&sslkey={}",
+            self.path(&format!("{name}.pem")).display(),
+            self.path(&format!("{name}.key")).display()
+        )
     }
 }
 
@@ -234,4 +220,60 @@ async fn require_refuses_a_server_without_tls_that_prefer_and_disable_accept() {
         connect(&url("127.0.0.1", pg.port, "sslmode=disable")).await,
         Ok(false)
     );
+}
+
+#[tokio::test]
+async fn a_client_certificate_of_the_servers_ca_logs_in_where_pg_hba_requires_one() {
+    let certs = Certs::new();
+    let pg = certs.cluster_requiring_client_certificates();
+    let args = DatabaseArgs {
+        database_url: url(
+            "127.0.0.1",
+            pg.port,
+            &format!(
+                "sslmode=verify-full&{}&{}",
+                root(&certs.path("ca.pem")),
+                certs.client("client")
+            ),
+        ),
+        database_schema: String::new(),
+        database_pool_size: 2,
+    };
+    let pool = persistence_agent::persist::db::pool(&args).unwrap();
+    let applied = persistence_agent::persist::db::migrate(&pool)
+        .await
+        .map_err(|e| errors::render_anyhow(&e))
+        .expect("migrate over a certificate login");
+    assert!(!applied.is_empty());
+    let client = pool.get().await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, Option<String>>(0).as_deref(),
+        Some("/CN=postgres")
+    );
+}
+
+#[tokio::test]
+async fn without_a_client_certificate_or_with_one_of_another_ca_the_login_is_refused() {
+    let certs = Certs::new();
+    let pg = certs.cluster_requiring_client_certificates();
+    let base = format!("sslmode=verify-full&{}", root(&certs.path("ca.pem")));
+    let err = connect(&url("127.0.0.1", pg.port, &base))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("connection requires a valid client certificate"),
+        "{err}"
+    );
+    let stranger = format!("{base}&{}", certs.client("stranger"));
+    let err = connect(&url("127.0.0.1", pg.port, &stranger))
+        .await
+        .unwrap_err();
+    assert!(err.contains("UnknownCA"), "{err}");
 }

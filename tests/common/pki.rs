@@ -50,3 +50,53 @@ pub fn ca(dir: &Path, name: &str) -> PathBuf {
     );
     dir.join(pem)
 }
+
+/// A key `{name}.key` and a certificate `{name}.pem` for `/CN={cn}`, signed by the CA `{ca}` of
+/// `dir`, with `ext` (lines of an openssl extensions file); returns the certificate's path.
+pub fn signed(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) -> PathBuf {
+    let (key, csr, pem, extfile) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
+    std::fs::write(dir.join(&extfile), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &extfile,
+            "-out",
+            &pem,
+        ],
+    );
+    dir.join(pem)
+}

@@ -33,9 +33,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.existingSecret | default (printf "%s-secret" (include "pa.fullname" .)) -}}
 {{- end -}}
 
-{{/* The migration hook runs before regular resources exist: it reads a hook Secret of its own. */}}
+{{/* The migration hook runs before regular resources exist: it reads migrations.job.existingSecret,
+else a hook Secret of its own (the owner's migrations.job.databaseUrl, or database.url), else
+existingSecret when no owner URL is given. */}}
 {{- define "pa.migrationSecretName" -}}
-{{- .Values.existingSecret | default (printf "%s-migrate" (include "pa.fullname" .)) -}}
+{{- $job := .Values.migrations.job -}}
+{{- if $job.existingSecret -}}
+{{- $job.existingSecret -}}
+{{- else if and .Values.existingSecret (not $job.databaseUrl) -}}
+{{- .Values.existingSecret -}}
+{{- else -}}
+{{- printf "%s-migrate" (include "pa.fullname" .) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "pa.serviceAccountName" -}}
