@@ -64,15 +64,18 @@ pub async fn worker<H: Handle>(
             done: false,
             bytes,
         };
-        // Queued messages of a partition this consumer no longer owns belong to the new owner,
-        // and once shutdown begins they are left for the next one.
+        // Queued messages of a partition this consumer no longer owns belong to the new owner;
+        // after a fatal error nothing more is started. At a graceful shutdown the queued ones
+        // are still handled (within `SHUTDOWN_TIMEOUT`): left unhandled, each would hold back
+        // the commit of the later messages of its partition that other workers finished, and
+        // the next owner would handle those again.
         let current = shared
             .tracker
             .lock()
             .expect("tracker lock")
             .is_current(&c.tp, epoch);
         let hold = Hold::default();
-        let handled = match current && owner.may_start() && !life.stopping() {
+        let handled = match current && owner.may_start() && !life.failed() {
             false => Handled::Abandoned,
             true => run_isolated(&handler, &life, msg, owner, hold.clone()).await,
         };

@@ -35,6 +35,11 @@ impl Lifecycle {
         self.shutdown.is_cancelled()
     }
 
+    /// Whether a fatal error stopped the agent (not a SIGTERM).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     /// Why the agent stopped on a fatal error, if it did.
     pub fn fatal(&self) -> Option<&str> {
         self.fatal.get().map(String::as_str)

@@ -17,7 +17,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use super::{json, request, Env, Record};
 
 #[allow(unused_imports)]
-pub use super::agent_proc::spawn_agent;
+pub use super::agent_proc::{spawn_agent, AgentProc};
 
 /// A book the catalogue gets only when the scenario calls `add_late_book`.
 pub const LATE_BOOK: &str = "late-book";
@@ -111,7 +111,9 @@ impl Workload {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
+            // tansu answers a fetch that starts inside a multi-record batch with nothing.
+            .set("batch.num.messages", "1")
+            .set("linger.ms", "0")
             .create()
             .unwrap();
         let mut pending = Vec::new();
