@@ -98,11 +98,15 @@ async fn read_only(url: &str, on: bool) {
         true => "ALTER SYSTEM SET default_transaction_read_only = on",
         false => "ALTER SYSTEM RESET default_transaction_read_only",
     };
-    c.batch_execute(&format!(
-        "SET default_transaction_read_only = off; {set}; SELECT pg_reload_conf()"
-    ))
-    .await
-    .unwrap();
+    // One statement per call: ALTER SYSTEM refuses the implicit transaction of a multi-statement
+    // query.
+    for sql in [
+        "SET default_transaction_read_only = off",
+        set,
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

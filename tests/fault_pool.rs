@@ -42,9 +42,12 @@ async fn check(
     assert!(wrong.is_empty(), "routed: {wrong:?}");
 }
 
+/// Longer than the client-side deadline of a transaction (2 x `STATEMENT_TIMEOUT` + 5 s): a
+/// wait for a lock must end as a statement timeout, not look like a hung connection.
+const LOCKED: Duration = Duration::from_secs(9);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statement_timeouts_behind_a_lock_end_written_once() {
-    const LOCKED: Duration = Duration::from_secs(5);
+async fn statement_timeouts_behind_a_lock_end_written_once_and_are_no_outage() {
     let env = Env::new(PARTITIONS).await;
     let wl = Workload::new(faults::size());
     wl.prepare(&env).await;
@@ -57,34 +60,39 @@ async fn statement_timeouts_behind_a_lock_end_written_once() {
         .await
         .unwrap();
     tokio::spawn(conn);
-    locker
-        .batch_execute(&format!(
-            "BEGIN; LOCK TABLE \"{}\".processed_request IN ACCESS EXCLUSIVE MODE",
-            env.schema
-        ))
-        .await
-        .unwrap();
+    let lock = format!(
+        "BEGIN; LOCK TABLE \"{}\".processed_request IN ACCESS EXCLUSIVE MODE",
+        env.schema
+    );
+    locker.batch_execute(&lock).await.unwrap();
     let locked = Instant::now();
     let n = wl.msgs.len();
     wl.publish(&env.brokers, &env.topic, n / 3..n).await;
-    tokio::time::sleep(LOCKED.saturating_sub(locked.elapsed())).await;
+    let mut outage = false;
+    while locked.elapsed() < LOCKED {
+        outage |= faults::metric(&http, "database_outage", &[]).await == 1.0;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     locker.batch_execute("COMMIT").await.unwrap();
     let since = Instant::now();
     faults::add_late_book(&env).await;
     faults::wait_settled(&env, &wl, PARTITIONS, 300).await;
     let recover = since.elapsed();
-    let timeouts = faults::metric(
-        &http,
-        "transaction_attempts_total",
-        &[("result", "timeout")],
-    )
-    .await;
+    let attempts = async |result| {
+        let labels = [("result", result)];
+        faults::metric(&http, "transaction_attempts_total", &labels).await
+    };
+    let (timeouts, hung) = (attempts("timeout").await, attempts("database_outage").await);
     let exit = agent.term(60);
-    eprintln!("statement timeouts: {timeouts}");
+    eprintln!("statement timeouts: {timeouts}, outage attempts: {hung}");
     assert!(timeouts > 0.0, "no statement ran out its timeout");
+    assert!(
+        !outage && hung == 0.0,
+        "a lock taken for an outage (gauge: {outage}, attempts: {hung})"
+    );
     let transient = ["foreign_key_violation", "timeout", "lock_timeout"];
     check(
-        "statement timeouts (lock 5s)",
+        "statement timeouts (lock 9s)",
         &env,
         &wl,
         recover,
