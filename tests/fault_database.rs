@@ -129,9 +129,9 @@ async fn read_only_database_pauses_and_routes_nothing() {
         &[("result", "database_outage")],
     )
     .await;
+    settle_and_check("database read-only 9s", &env, &wl, agent, since).await;
     assert!(
         seen && refused > 0.0,
         "the agent never met the read-only database (outage seen: {seen}, refused: {refused})"
     );
-    settle_and_check("database read-only 9s", &env, &wl, agent, since).await;
 }

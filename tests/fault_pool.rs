@@ -127,6 +127,9 @@ async fn exhausted_pool_makes_requests_wait_and_routes_none() {
         pool_timeouts().await > 0.0
     })
     .await;
+    // Long enough for a request to spend its in-process retries on pool waits (four waits of
+    // 10 s and the backoff): only the pipeline's own wait keeps it from a tier then.
+    tokio::time::sleep(Duration::from_secs(50)).await;
     let waited = pool_timeouts().await;
     // The fault ends: the rest goes at full speed.
     env.pg
