@@ -15,8 +15,9 @@ const PARTITIONS: i32 = 6;
 /// Longer than the in-process retries (`TXN_BACKOFF` 100 ms, 500 ms, 2 s, jittered up to +50 %),
 /// so the outage is the pipeline's to wait out, not the retry loop's.
 const DOWN: Duration = Duration::from_secs(9);
-/// The only reason a valid request may sit in a retry tier here: its book is not in the
-/// catalogue yet. An outage class (`database_outage`, `connection_error`) must never be there.
+/// Besides a conflict, the only reason a valid request may sit in a retry tier here: its book
+/// is not in the catalogue yet. An outage class (`database_outage`, `connection_error`, or
+/// whatever a misclassified read-only error becomes) must never be there.
 const ALLOWED_TIERS: [&str; 1] = ["foreign_key_violation"];
 
 /// Publishes the first third of `wl` and waits until the agent is writing it, so the fault

@@ -529,8 +529,13 @@ pub fn tier_routes(env: &Env) -> HashMap<String, usize> {
     out
 }
 
-/// Tier records whose class is not one of `allowed`.
+/// Conflicts that outlast the in-process retries go to a tier by design (docs/failures.md);
+/// a burst of writes after a fault makes a few likelier, whatever the fault.
+pub const CONFLICTS: [&str; 2] = ["serialization_failure", "deadlock"];
+
+/// Tier records whose class is neither one of `allowed` nor a conflict.
 pub fn routed_unless(routes: &HashMap<String, usize>, allowed: &[&str]) -> Vec<String> {
+    let allowed: Vec<&str> = allowed.iter().chain(&CONFLICTS).copied().collect();
     routes
         .iter()
         .filter(|(why, _)| !allowed.iter().any(|a| why.split('/').next() == Some(*a)))
