@@ -105,22 +105,21 @@ pub(super) async fn statements(
     started: Instant,
 ) -> Result<Persisted, Failure> {
     let (req, request_id) = (p.req, p.request_id);
-    let stmt = client
-        .prepare_cached(PERSIST_SQL)
-        .await
-        .map_err(|e| Failure::from(&e))?;
-    // Prepared up front: an unprepared UPDATE would be parsed first and executed only after
-    // the pipelined COMMIT, outside the transaction.
-    let confirm = client
-        .prepare_cached(CONFIRM_SQL)
-        .await
-        .map_err(|e| Failure::from(&e))?;
     let begin = begin_sql(timeout);
-    // Polled together, tokio-postgres sends both before reading either reply: one round trip.
     let refs = p.as_refs();
-    let (began, rows) = tokio::join!(client.batch_execute(&begin), client.query(&stmt, &refs));
+    // Polled together, tokio-postgres sends BEGIN and the query before reading either reply:
+    // one round trip. BEGIN goes first, so a statement new to this connection is prepared
+    // inside the transaction, under its statement timeout: parsing takes the tables' locks.
+    let (began, prepared) = tokio::join!(client.batch_execute(&begin), async {
+        let stmt = client.prepare_cached(PERSIST_SQL).await?;
+        // Prepared before the query: an unprepared UPDATE would be parsed first and executed
+        // only after the pipelined COMMIT, outside the transaction.
+        let confirm = client.prepare_cached(CONFIRM_SQL).await?;
+        let rows = client.query(&stmt, &refs).await?;
+        Ok::<_, tokio_postgres::Error>((rows, confirm))
+    });
     began?;
-    let rows = rows?;
+    let (rows, confirm) = prepared?;
     // One row always: the new recommendation, or the ledger's record of the duplicate.
     let Some(row) = rows.first() else {
         return Err(Failure::unexpected("persist statement returned no row"));

@@ -901,3 +901,25 @@ pub fn records_quiet(brokers: &str, topic: &str, quiet: Duration) -> Vec<Record>
     let len = topic_len(brokers, topic) as usize;
     records(brokers, topic, len, Duration::from_secs(60).max(quiet * 4))
 }
+
+// ---- Fault suite, scenario 2 (database crash): a cluster stopped without a shutdown. ----
+
+impl TestCluster {
+    /// `pg_ctl stop -m immediate`: the server is gone at once, as in a crash (no checkpoint,
+    /// connections cut without a goodbye); `start` runs crash recovery.
+    pub fn crash(&self) {
+        let data = self.dir.join("data");
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        )
+        .unwrap();
+    }
+}

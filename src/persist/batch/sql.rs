@@ -107,15 +107,19 @@ pub(super) async fn statements(
     timeout: Duration,
     started: Instant,
 ) -> Result<Vec<Persisted>, Failure> {
-    let stmt = client.prepare_cached(BATCH_SQL).await?;
-    // Prepared up front, as in the single path: an unprepared UPDATE would run after COMMIT.
-    let confirm = client.prepare_cached(BATCH_CONFIRM_SQL).await?;
     let p = Params::new(members);
     let refs = p.as_refs();
     let begin = begin_sql(timeout);
-    let (began, rows) = tokio::join!(client.batch_execute(&begin), client.query(&stmt, &refs));
+    // As in the single path: BEGIN first, so a first prepare runs under the statement timeout;
+    // the UPDATE is prepared before the query, as an unprepared one would run after COMMIT.
+    let (began, prepared) = tokio::join!(client.batch_execute(&begin), async {
+        let stmt = client.prepare_cached(BATCH_SQL).await?;
+        let confirm = client.prepare_cached(BATCH_CONFIRM_SQL).await?;
+        let rows = client.query(&stmt, &refs).await?;
+        Ok::<_, tokio_postgres::Error>((rows, confirm))
+    });
     began?;
-    let rows = rows?;
+    let (rows, confirm) = prepared?;
     if rows.len() != members.len() {
         return Err(Failure::unexpected(
             "batch statement returned a row count unlike its input",
