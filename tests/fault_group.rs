@@ -28,8 +28,16 @@ async fn members_replaced(scenario: &str, settings: &[(&str, &str)]) {
     let wl = Workload::new(faults::size());
     wl.prepare(&env).await;
     let n = wl.msgs.len();
-    // A slow transaction keeps work in flight at each signal and each rebalance.
-    env.slow_transactions(0.005).await;
+    // Slow transactions keep work in flight at each signal, and a revoke that does not wait
+    // for it hands that work to the next owner at every rebalance. Frequent commits mean a
+    // kill finds the latest completions committed, beside work still in flight.
+    env.slow_transactions(0.02).await;
+    let scenario_settings = [
+        ("REBALANCE_DRAIN_TIMEOUT", "0s"),
+        ("KAFKA_CONFIG_auto.commit.interval.ms", "200"),
+    ];
+    let settings = [&scenario_settings, settings].concat();
+    let settings = settings.as_slice();
     let mut group: Vec<AgentProc> = (0..MEMBERS).map(|_| spawn_agent(&env, settings)).collect();
     let mut exit_codes = vec![];
     let mut signals = vec![];
@@ -52,7 +60,7 @@ async fn members_replaced(scenario: &str, settings: &[(&str, &str)]) {
             env.count(WRITTEN).await > before
         })
         .await;
-        tokio::time::sleep(Duration::from_millis(rand::random_range(50..1500))).await;
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..400))).await;
         most_parked = most_parked.max(env.count(PARKED_KEYS).await);
         // Alternately a graceful stop and a kill, of a random member, replaced at once.
         let victim = rand::random_range(0..MEMBERS);
