@@ -125,7 +125,7 @@ async fn dead_letter_topic_missing_for_twenty_seconds_commits_no_poison_before_i
     v.assert_clean();
     assert_eq!(exit_codes, [0]);
     let poisons = poisons(&wl);
-    let passed: Vec<_> = samples
+    let passed: std::collections::BTreeSet<_> = samples
         .iter()
         .flat_map(|s| poisons.iter().filter(|(p, o)| s[*p as usize] > *o))
         .collect();
