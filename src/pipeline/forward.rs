@@ -65,7 +65,7 @@ impl Pipeline {
                 }
                 continue;
             }
-            if let Some(why) = self.router.fatal_error() {
+            if let Some(why) = self.router.fatal_error(&e) {
                 // Nothing will be forwarded again: exit, committing nothing unfinished, so the
                 // orchestrator restarts the agent with a new producer.
                 self.life.fail(&Failure::producer_fatal(why));

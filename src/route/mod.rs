@@ -64,9 +64,9 @@ impl Router {
         }
     }
 
-    /// librdkafka's fatal error of the forwarding producer, if it had one.
-    pub fn fatal_error(&self) -> Option<String> {
-        fatal_error(&self.producer, "forwarding")
+    /// Why the forwarding producer will refuse every record from now on, if it will.
+    pub fn fatal_error(&self, last: &KafkaError) -> Option<String> {
+        fatal_error(&self.producer, "forwarding", last)
     }
 
     /// The next tier, or the dead-letter topic when the failure will not heal, the tiers are

@@ -51,14 +51,26 @@ pub fn is_too_large(e: &KafkaError) -> bool {
     )
 }
 
-/// librdkafka's fatal error of a producer (a broken idempotent sequence, fencing): it will
-/// refuse every record from now on. `which` names the producer in the message.
-pub fn fatal_error(producer: &FutureProducer, which: &str) -> Option<String> {
+/// Whether the producer will refuse every record from now on: librdkafka's fatal error (a
+/// broken idempotent sequence), or a delivery refused because the broker fenced this
+/// producer. librdkafka raises no fatal error for the latter: after a record times out it
+/// bumps the producer's epoch, and a broker without KIP-360 (tansu 0.6) answers every later
+/// record with `ProducerFenced`, so holding the message for it would wedge the agent. `which`
+/// names the producer in the message.
+pub fn fatal_error(producer: &FutureProducer, which: &str, last: &KafkaError) -> Option<String> {
     use rdkafka::producer::Producer;
-    let (code, reason) = producer.client().fatal_error()?;
-    Some(format!(
-        "{which} producer failed fatally: {code:?}: {reason}"
-    ))
+    use RDKafkaErrorCode::*;
+    if let Some((code, reason)) = producer.client().fatal_error() {
+        return Some(format!(
+            "{which} producer failed fatally: {code:?}: {reason}"
+        ));
+    }
+    match last {
+        KafkaError::MessageProduction(code @ (ProducerFenced | InvalidProducerEpoch)) => {
+            Some(format!("{which} producer fenced by the broker: {code:?}"))
+        }
+        _ => None,
+    }
 }
 
 /// Sends one record and waits for its acknowledgement, waiting out a full local queue.

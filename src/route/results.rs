@@ -130,7 +130,7 @@ impl PendingResult {
                 tracing::error!(request_id = %self.request_id, %error, "result event refused for its size; not sent");
                 return true;
             }
-            if let Some(why) = fatal_error(&self.producer, "results") {
+            if let Some(why) = fatal_error(&self.producer, "results", &error) {
                 life.fail(&Failure::producer_fatal(why));
                 return false;
             }
