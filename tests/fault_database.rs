@@ -36,14 +36,17 @@ async fn under_way(env: &Env, wl: &Workload) {
 /// Publishes the rest during the fault, and watches the agent's outage gauge until `DOWN` has
 /// passed since `began`: whether the agent saw the outage (paused and waited for it).
 async fn rest_during(env: &Env, wl: &Workload, http: &str, began: Instant) -> bool {
-    wl.publish(&env.brokers, &env.topic, wl.msgs.len() / 3..wl.msgs.len())
-        .await;
-    let mut seen = false;
-    while began.elapsed() < DOWN {
-        seen |= faults::metric(http, "database_outage", &[]).await == 1.0;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    seen
+    let publish = wl.publish(&env.brokers, &env.topic, wl.msgs.len() / 3..wl.msgs.len());
+    // Sampled while publishing too: a long stream may take longer than the outage to publish.
+    let sample = async {
+        let mut seen = false;
+        while began.elapsed() < DOWN {
+            seen |= faults::metric(http, "database_outage", &[]).await == 1.0;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        seen
+    };
+    tokio::join!(publish, sample).1
 }
 
 /// Waits until every message has its outcome, stops the agent, and checks the outcome of each

@@ -187,7 +187,8 @@ impl Written {
 
 /// The client-side deadline of one transaction: the server's statement timeout cannot fire on
 /// a connection that no longer answers. Counted from the checkout (a wait for a busy pool is
-/// not a hung connection) over both round trips.
+/// not a hung connection) over both round trips; on a new connection the statements' first
+/// prepares share the first one, and each wait there counts against the statement timeout.
 fn deadline(statement_timeout: Duration) -> Duration {
     statement_timeout * 2 + CLIENT_DEADLINE_MARGIN
 }

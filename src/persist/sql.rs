@@ -110,7 +110,7 @@ pub(super) async fn statements(
     // Polled together, tokio-postgres sends BEGIN and the query before reading either reply:
     // one round trip. BEGIN goes first, so a statement new to this connection is prepared
     // inside the transaction, under its statement timeout: parsing takes the tables' locks.
-    let (began, prepared) = tokio::join!(client.batch_execute(&begin), async {
+    let (began, prepared) = tokio::join!(biased; client.batch_execute(&begin), async {
         let stmt = client.prepare_cached(PERSIST_SQL).await?;
         // Prepared before the query: an unprepared UPDATE would be parsed first and executed
         // only after the pipelined COMMIT, outside the transaction.

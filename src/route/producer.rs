@@ -66,9 +66,10 @@ pub fn fatal_error(producer: &FutureProducer, which: &str, last: &KafkaError) ->
         ));
     }
     match last {
-        KafkaError::MessageProduction(code @ (ProducerFenced | InvalidProducerEpoch)) => {
-            Some(format!("{which} producer fenced by the broker: {code:?}"))
-        }
+        // Not InvalidProducerEpoch: librdkafka recovers from that one itself (an epoch bump).
+        KafkaError::MessageProduction(ProducerFenced) => Some(format!(
+            "{which} producer fenced by the broker: ProducerFenced"
+        )),
         _ => None,
     }
 }

@@ -31,7 +31,9 @@ pub fn spawn_agent(env: &Env, extra: &[(&str, &str)]) -> AgentProc {
         .env("HTTP_ADDR", "127.0.0.1:0")
         .env("RETRY_DELAYS", "2s,10s,60s")
         .env("FATAL_LINGER", "0s")
-        .env("SHUTDOWN_TIMEOUT", "20s")
+        // Below max.poll.interval.ms: a drain that outlasts it drops the member from the
+        // group, its last commit fails, and the next owner handles the drained work again.
+        .env("SHUTDOWN_TIMEOUT", "12s")
         .env("LOG_FORMAT", "pretty")
         .env("RUST_LOG", "warn")
         .env("KAFKA_CONFIG_session.timeout.ms", "6000")

@@ -112,7 +112,7 @@ pub(super) async fn statements(
     let begin = begin_sql(timeout);
     // As in the single path: BEGIN first, so a first prepare runs under the statement timeout;
     // the UPDATE is prepared before the query, as an unprepared one would run after COMMIT.
-    let (began, prepared) = tokio::join!(client.batch_execute(&begin), async {
+    let (began, prepared) = tokio::join!(biased; client.batch_execute(&begin), async {
         let stmt = client.prepare_cached(BATCH_SQL).await?;
         let confirm = client.prepare_cached(BATCH_CONFIRM_SQL).await?;
         let rows = client.query(&stmt, &refs).await?;
