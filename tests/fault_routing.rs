@@ -1,6 +1,6 @@
-//! Fault suite, scenario 5: the dead-letter topic refusing writes. (a) It is missing for 20 s
-//! mid-stream and then created: no poison message is committed before its dead letter is
-//! acknowledged, however long that takes. (b) A poison too large for the producer's
+//! Fault suite, scenario 5: the routing topics refusing writes. (a) The dead-letter topic, or
+//! the first retry tier, is missing for 20 s mid-stream and then created: no message routed to
+//! it is committed before its copy is acknowledged, however long that takes. (b) A poison too large for the producer's
 //! `message.max.bytes`: its dead letter goes without the value (`pa.value-dropped`), and only
 //! then is it committed.
 
@@ -59,37 +59,72 @@ impl Offsets {
     }
 }
 
-/// Where each poison message landed.
-fn poisons(wl: &Workload) -> Vec<(i32, i64)> {
+/// Where the messages `held` picks landed.
+fn coords_of(wl: &Workload, held: fn(&Expect) -> bool) -> Vec<(i32, i64)> {
     (0..wl.msgs.len())
-        .filter(|i| matches!(wl.msgs[*i].expect, Expect::DeadLetter(_)))
+        .filter(|i| held(&wl.msgs[*i].expect) && !wl.msgs[*i].republish)
         .filter_map(|i| wl.at(i))
         .collect()
 }
 
+/// Which routing topic is missing, and which messages must wait for it.
+struct Missing {
+    scenario: &'static str,
+    topic: fn(&Env) -> String,
+    /// Messages routed to it first: none may be committed while it is missing.
+    held: fn(&Expect) -> bool,
+}
+
+const DEAD_LETTERS: Missing = Missing {
+    scenario: "dead-letter topic missing 20 s",
+    topic: |env| env.dlq(),
+    held: |e| matches!(e, Expect::DeadLetter(_)),
+};
+
+const FIRST_TIER: Missing = Missing {
+    scenario: "retry tier missing 20 s",
+    topic: |env| env.tier_topic("2s"),
+    // Requests for the late book fail with a foreign-key violation and go to the first tier.
+    held: |e| matches!(e, Expect::Late),
+};
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_topic_missing_for_twenty_seconds_commits_no_poison_before_its_dead_letter() {
+    missing_for_twenty_seconds(DEAD_LETTERS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_tier_missing_for_twenty_seconds_commits_no_request_before_its_copy() {
+    missing_for_twenty_seconds(FIRST_TIER).await;
+}
+
+async fn missing_for_twenty_seconds(missing: Missing) {
     let env = Env::new(PARTITIONS).await;
     let wl = Arc::new(Workload::new(faults::size()));
     wl.prepare(&env).await;
     let n = wl.msgs.len();
-    // The dead-letter topic is missing from the start rather than deleted mid-stream: tansu
-    // 0.6 keeps the records a producer writes to a deleted-and-recreated topic from fetches
-    // when that producer knew the topic before the deletion (its watermark counts them).
-    let tiers = ["2s", "10s", "1m"].map(|t| env.tier_topic(t));
-    let shapes: Vec<(&str, i32)> = tiers.iter().map(|t| (t.as_str(), PARTITIONS)).collect();
+    // The topic is missing from the start rather than deleted mid-stream: tansu 0.6 keeps the
+    // records a producer writes to a deleted-and-recreated topic from fetches when that
+    // producer knew the topic before the deletion (its watermark counts them).
+    let gone_topic = (missing.topic)(&env);
+    let routing = ["2s", "10s", "1m"].map(|t| env.tier_topic(t));
+    let routing: Vec<String> = routing.into_iter().chain([env.dlq()]).collect();
+    let shapes: Vec<(&str, i32)> = routing
+        .iter()
+        .filter(|t| **t != gone_topic)
+        .map(|t| (t.as_str(), PARTITIONS))
+        .collect();
     common::create_topics(&env.brokers, &shapes).await;
     let settings = [
         ("CREATE_RETRY_TOPICS", "false"),
-        // A broker that creates topics on demand would bring the dead-letter topic at once.
+        // A broker that creates topics on demand would bring the missing topic at once.
         ("KAFKA_CONFIG_allow.auto.create.topics", "false"),
     ];
     let mut agent = spawn_agent(&env, &settings);
-    let dlq = env.dlq();
-    let first_poison = (0..n)
-        .find(|i| matches!(wl.msgs[*i].expect, Expect::DeadLetter(_)))
+    let first_held = (0..n)
+        .find(|i| (missing.held)(&wl.msgs[*i].expect))
         .unwrap();
-    wl.publish(&env.brokers, &env.topic, 0..first_poison).await;
+    wl.publish(&env.brokers, &env.topic, 0..first_held).await;
     let written = "SELECT count(*) FROM processed_request";
     common::wait_for("writing under way", 120, async || {
         env.count(written).await > 0
@@ -99,7 +134,7 @@ async fn dead_letter_topic_missing_for_twenty_seconds_commits_no_poison_before_i
     let before = env.count(written).await;
     let publishing = {
         let (wl, brokers, topic) = (wl.clone(), env.brokers.clone(), env.topic.clone());
-        tokio::spawn(async move { wl.publish(&brokers, &topic, first_poison..n).await })
+        tokio::spawn(async move { wl.publish(&brokers, &topic, first_held..n).await })
     };
     // Sampled now, judged once every message's place is known.
     let offsets = Offsets::new(&env);
@@ -110,10 +145,10 @@ async fn dead_letter_topic_missing_for_twenty_seconds_commits_no_poison_before_i
     }
     let during = env.count(written).await - before;
     assert!(
-        !common::topic_exists(&env.brokers, &dlq),
-        "the dead-letter topic was created by someone else"
+        !common::topic_exists(&env.brokers, &gone_topic),
+        "{gone_topic} was created by someone else"
     );
-    common::create_topics(&env.brokers, &[(&dlq, PARTITIONS)]).await;
+    common::create_topics(&env.brokers, &[(&gone_topic, PARTITIONS)]).await;
     faults::add_late_book(&env).await;
     publishing.await.expect("the rest is published");
     let since = Instant::now();
@@ -121,21 +156,21 @@ async fn dead_letter_topic_missing_for_twenty_seconds_commits_no_poison_before_i
     let recover = since.elapsed();
     let exit_codes = vec![agent.term(60)];
     let v = faults::verdict(&env, &wl).await;
-    faults::report("dead-letter topic missing 20 s", &v, recover, &exit_codes);
+    faults::report(missing.scenario, &v, recover, &exit_codes);
     v.assert_clean();
     assert_eq!(exit_codes, [0]);
-    let poisons = poisons(&wl);
+    let held = coords_of(&wl, missing.held);
     let passed: std::collections::BTreeSet<_> = samples
         .iter()
-        .flat_map(|s| poisons.iter().filter(|(p, o)| s[*p as usize] > *o))
+        .flat_map(|s| held.iter().filter(|(p, o)| s[*p as usize] > *o))
         .collect();
     eprintln!(
-        "{} samples while the dead-letter topic was gone; {during} requests written meanwhile",
+        "{} samples while {gone_topic} was missing; {during} requests written meanwhile",
         samples.len()
     );
     assert!(
         passed.is_empty(),
-        "committed past poison messages with no dead-letter topic: {passed:?}"
+        "committed past messages waiting for {gone_topic}: {passed:?}"
     );
     assert!(
         during > 0,
