@@ -166,11 +166,7 @@ async fn broker_gone_for_twenty_seconds_mid_stream_loses_and_duplicates_nothing(
     let settings = [("KAFKA_CONFIG_message.timeout.ms", "5000")];
     let mut agent = spawn_agent(&env, &settings);
     wl.publish(&env.brokers, &env.topic, 0..n / 2).await;
-    let written = "SELECT count(*) FROM processed_request";
-    common::wait_for("writing under way", 120, async || {
-        env.count(written).await > 0
-    })
-    .await;
+    faults::writing_past(&env, 0).await;
     tokio::time::sleep(Duration::from_millis(rand::random_range(50..1500))).await;
     proxy.set(Link::Down);
     // The rest is published into the outage: the publisher holds it until the broker is back.

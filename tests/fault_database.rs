@@ -20,16 +20,9 @@ const DOWN: Duration = Duration::from_secs(9);
 /// whatever a misclassified read-only error becomes) must never be there.
 const ALLOWED_TIERS: [&str; 1] = ["foreign_key_violation"];
 
-/// Publishes the first third of `wl` and waits until the agent is writing it, so the fault
-/// meets transactions in flight; the rest is published during the fault.
+/// `faults::under_way`, then a random moment: the fault meets transactions at any stage.
 async fn under_way(env: &Env, wl: &Workload) {
-    wl.publish(&env.brokers, &env.topic, 0..wl.msgs.len() / 3)
-        .await;
-    let written = "SELECT count(*) FROM processed_request";
-    common::wait_for("writing under way", 120, async || {
-        env.count(written).await > 0
-    })
-    .await;
+    faults::under_way(env, wl).await;
     tokio::time::sleep(Duration::from_millis(rand::random_range(0..300))).await;
 }
 

@@ -56,10 +56,7 @@ async fn members_replaced(scenario: &str, settings: &[(&str, &str)]) {
         )
         .await;
         let before = env.count(WRITTEN).await;
-        common::wait_for("writing under way", 120, async || {
-            env.count(WRITTEN).await > before
-        })
-        .await;
+        faults::writing_past(&env, before).await;
         tokio::time::sleep(Duration::from_millis(rand::random_range(0..400))).await;
         most_parked = most_parked.max(env.count(PARKED_KEYS).await);
         // Alternately a graceful stop and a kill, of a random member, replaced at once.

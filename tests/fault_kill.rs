@@ -26,10 +26,7 @@ async fn killed_repeatedly(scenario: &str, settings: &[(&str, &str)]) {
             .await;
         // Let it get under way, then kill it mid-batch at a random moment.
         let before = env.count(written).await;
-        common::wait_for("writing under way", 120, async || {
-            env.count(written).await > before
-        })
-        .await;
+        faults::writing_past(&env, before).await;
         tokio::time::sleep(Duration::from_millis(rand::random_range(50..1500))).await;
         exit_codes.push(agent.kill());
         if k == KILLS / 2 {

@@ -12,17 +12,6 @@ use common::Env;
 
 const PARTITIONS: i32 = 6;
 
-/// Publishes the first third of `wl` and waits until the agent is writing it.
-async fn under_way(env: &Env, wl: &Workload) {
-    wl.publish(&env.brokers, &env.topic, 0..wl.msgs.len() / 3)
-        .await;
-    let written = "SELECT count(*) FROM processed_request";
-    common::wait_for("writing under way", 120, async || {
-        env.count(written).await > 0
-    })
-    .await;
-}
-
 /// Checks every outcome and that the retry tiers hold nothing but `allowed` classes.
 async fn check(
     scenario: &str,
@@ -54,7 +43,7 @@ async fn statement_timeouts_behind_a_lock_end_written_once_and_are_no_outage() {
     let http = faults::http_addr();
     let settings = [("HTTP_ADDR", http.as_str()), ("STATEMENT_TIMEOUT", "1s")];
     let mut agent = spawn_agent(&env, &settings);
-    under_way(&env, &wl).await;
+    faults::under_way(&env, &wl).await;
     // Every write goes through the ledger: behind this lock each one runs out its timeout.
     let (locker, conn) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
         .await

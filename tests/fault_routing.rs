@@ -126,10 +126,7 @@ async fn missing_for_twenty_seconds(missing: Missing) {
         .unwrap();
     wl.publish(&env.brokers, &env.topic, 0..first_held).await;
     let written = "SELECT count(*) FROM processed_request";
-    common::wait_for("writing under way", 120, async || {
-        env.count(written).await > 0
-    })
-    .await;
+    faults::writing_past(&env, 0).await;
     let gone = Instant::now();
     let before = env.count(written).await;
     let publishing = {

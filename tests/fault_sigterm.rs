@@ -28,10 +28,7 @@ async fn stopped_under_load_exits_zero_and_handles_nothing_twice() {
         wl.publish(&env.brokers, &env.topic, n * k / STOPS..n * (k + 1) / STOPS)
             .await;
         let before = env.count(written).await;
-        common::wait_for("writing under way", 120, async || {
-            env.count(written).await > before
-        })
-        .await;
+        faults::writing_past(&env, before).await;
         tokio::time::sleep(Duration::from_millis(rand::random_range(50..800))).await;
         exit_codes.push(agent.term(60));
         agent = spawn_agent(&env, &[]);

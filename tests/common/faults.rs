@@ -176,6 +176,28 @@ pub async fn add_late_book(env: &Env) {
     .unwrap();
 }
 
+/// Requests in the ledger.
+pub async fn written(env: &Env) -> i64 {
+    env.count("SELECT count(*) FROM processed_request").await
+}
+
+/// Waits until the agent has written more than `before` requests, so that the fault to come
+/// meets transactions in flight.
+pub async fn writing_past(env: &Env, before: i64) {
+    super::wait_for("writing under way", 120, async || {
+        written(env).await > before
+    })
+    .await;
+}
+
+/// Publishes the first third of `wl` and waits until the agent is writing it; the rest is
+/// published during the fault.
+pub async fn under_way(env: &Env, wl: &Workload) {
+    wl.publish(&env.brokers, &env.topic, 0..wl.msgs.len() / 3)
+        .await;
+    writing_past(env, 0).await;
+}
+
 /// A new connection to the test's schema (the scenario may have restarted the database).
 async fn connect(env: &Env) -> tokio_postgres::Client {
     let (c, conn) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
