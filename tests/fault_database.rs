@@ -55,27 +55,27 @@ async fn settle_and_check(
     faults::wait_settled(env, wl, PARTITIONS, 300).await;
     let recover = since.elapsed();
     let exit = agent.term(60);
-    let v = faults::verdict(env, wl).await;
-    faults::report(scenario, &v, recover, &[exit]);
-    v.assert_clean();
-    assert_eq!(exit, 0, "SIGTERM exits 0");
-    let routes = faults::tier_routes(env);
-    eprintln!("retry tiers hold: {routes:?}");
-    let wrong = faults::routed_unless(&routes, &ALLOWED_TIERS);
-    assert!(wrong.is_empty(), "routed for the outage: {wrong:?}");
+    let why = "routed for the outage";
+    faults::judge_with_tiers(scenario, env, wl, recover, exit, &ALLOWED_TIERS, why).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn database_crash_holds_messages_and_writes_each_once_after_restart() {
+/// A throwaway cluster of the scenario's own, the workload's catalogue, slow transactions (in
+/// flight when the fault comes), and the agent writing the first third of the stream.
+async fn started() -> (TestCluster, Env, Workload, String, AgentProc) {
     let cluster = TestCluster::start_new();
     let env = Env::with_database(cluster.url(), PARTITIONS).await;
     let wl = Workload::new(faults::size());
     wl.prepare(&env).await;
-    // Keeps transactions in flight when the server dies.
     env.slow_transactions(0.005).await;
     let http = faults::http_addr();
     let agent = spawn_agent(&env, &[("HTTP_ADDR", &http)]);
     under_way(&env, &wl).await;
+    (cluster, env, wl, http, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_crash_holds_messages_and_writes_each_once_after_restart() {
+    let (cluster, env, wl, http, agent) = started().await;
     cluster.crash();
     let seen = rest_during(&env, &wl, &http, Instant::now()).await;
     cluster.start();
@@ -108,14 +108,7 @@ async fn read_only(url: &str, on: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_database_pauses_and_routes_nothing() {
-    let cluster = TestCluster::start_new();
-    let env = Env::with_database(cluster.url(), PARTITIONS).await;
-    let wl = Workload::new(faults::size());
-    wl.prepare(&env).await;
-    env.slow_transactions(0.005).await;
-    let http = faults::http_addr();
-    let agent = spawn_agent(&env, &[("HTTP_ADDR", &http)]);
-    under_way(&env, &wl).await;
+    let (cluster, env, wl, http, agent) = started().await;
     read_only(&cluster.url(), true).await;
     let seen = rest_during(&env, &wl, &http, Instant::now()).await;
     read_only(&cluster.url(), false).await;

@@ -12,25 +12,6 @@ use common::Env;
 
 const PARTITIONS: i32 = 6;
 
-/// Checks every outcome and that the retry tiers hold nothing but `allowed` classes.
-async fn check(
-    scenario: &str,
-    env: &Env,
-    wl: &Workload,
-    recover: Duration,
-    exit: i32,
-    allowed: &[&str],
-) {
-    let v = faults::verdict(env, wl).await;
-    faults::report(scenario, &v, recover, &[exit]);
-    v.assert_clean();
-    assert_eq!(exit, 0, "SIGTERM exits 0");
-    let routes = faults::tier_routes(env);
-    eprintln!("retry tiers hold: {routes:?}");
-    let wrong = faults::routed_unless(&routes, allowed);
-    assert!(wrong.is_empty(), "routed: {wrong:?}");
-}
-
 /// Longer than the client-side deadline of a transaction (2 x `STATEMENT_TIMEOUT` + 5 s): a
 /// wait for a lock must end as a statement timeout, not look like a hung connection.
 const LOCKED: Duration = Duration::from_secs(9);
@@ -80,13 +61,14 @@ async fn statement_timeouts_behind_a_lock_end_written_once_and_are_no_outage() {
         "a lock taken for an outage (gauge: {outage}, attempts: {hung})"
     );
     let transient = ["foreign_key_violation", "timeout", "lock_timeout"];
-    check(
+    faults::judge_with_tiers(
         "statement timeouts (lock 9s)",
         &env,
         &wl,
         recover,
         exit,
         &transient,
+        "routed",
     )
     .await;
 }
@@ -132,13 +114,14 @@ async fn exhausted_pool_makes_requests_wait_and_routes_none() {
     let waited = waited.max(pool_timeouts().await);
     let exit = agent.term(60);
     eprintln!("pool wait timeouts: {waited}");
-    check(
+    faults::judge_with_tiers(
         "pool of 2 exhausted",
         &env,
         &wl,
         recover,
         exit,
         &["foreign_key_violation"],
+        "routed",
     )
     .await;
 }

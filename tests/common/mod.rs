@@ -715,10 +715,14 @@ impl TestCluster {
     }
 
     pub fn stop(&self) {
+        self.stop_mode("fast");
+    }
+
+    fn stop_mode(&self, mode: &str) {
         let data = self.dir.join("data");
         self.pg(
             "pg_ctl",
-            &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+            &["-D", data.to_str().unwrap(), "-m", mode, "-w", "stop"],
         )
         .unwrap();
     }
@@ -908,18 +912,6 @@ impl TestCluster {
     /// `pg_ctl stop -m immediate`: the server is gone at once, as in a crash (no checkpoint,
     /// connections cut without a goodbye); `start` runs crash recovery.
     pub fn crash(&self) {
-        let data = self.dir.join("data");
-        self.pg(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        )
-        .unwrap();
+        self.stop_mode("immediate");
     }
 }

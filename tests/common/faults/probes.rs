@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::super::Env;
-use super::verdict::read_all;
+use super::verdict::{read_all, report, verdict};
+use super::Workload;
 
 /// The tier labels of `spawn_agent`'s `RETRY_DELAYS`.
 pub const TIER_LABELS: [&str; 3] = ["2s", "10s", "60s"];
@@ -53,4 +54,25 @@ pub async fn metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     };
     let text = resp.text().await.unwrap_or_default();
     super::super::sample(&text, &format!("persistence_agent_{name}"), labels).unwrap_or(0.0)
+}
+
+/// The verdict of a database scenario: every message's outcome, SIGTERM's exit 0, and nothing in
+/// the retry tiers but `allowed` classes (and conflicts); `what` opens the routing failure.
+pub async fn judge_with_tiers(
+    scenario: &str,
+    env: &Env,
+    wl: &Workload,
+    recover: Duration,
+    exit: i32,
+    allowed: &[&str],
+    what: &str,
+) {
+    let v = verdict(env, wl).await;
+    report(scenario, &v, recover, &[exit]);
+    v.assert_clean();
+    assert_eq!(exit, 0, "SIGTERM exits 0");
+    let routes = tier_routes(env);
+    eprintln!("retry tiers hold: {routes:?}");
+    let wrong = routed_unless(&routes, allowed);
+    assert!(wrong.is_empty(), "{what}: {wrong:?}");
 }
