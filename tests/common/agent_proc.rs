@@ -35,7 +35,11 @@ pub fn spawn_agent(env: &Env, extra: &[(&str, &str)]) -> AgentProc {
         // group, its last commit fails, and the next owner handles the drained work again.
         .env("SHUTDOWN_TIMEOUT", "12s")
         .env("LOG_FORMAT", "pretty")
-        .env("RUST_LOG", "warn")
+        // AGENT_RUST_LOG raises the agents' log level when a fault test needs explaining.
+        .env(
+            "RUST_LOG",
+            std::env::var("AGENT_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .env("KAFKA_CONFIG_session.timeout.ms", "6000")
         .env("KAFKA_CONFIG_max.poll.interval.ms", "15000")
         .env("KAFKA_CONFIG_fetch.wait.max.ms", "100")
