@@ -1,6 +1,7 @@
 //! The broker side of the harness: which broker, topics made and deleted, records produced and
 //! read back, committed offsets, high watermarks; and the `Env` helpers built on them.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -258,7 +259,10 @@ impl Record {
     }
 }
 
-/// Everything in every partition of `topic` right now (waits up to `timeout` for `at_least`).
+/// Everything in every partition of `topic` right now: up to the high watermarks of the start,
+/// or of the moment `at_least` records were read when they were not there yet at the start (waits
+/// up to `timeout` for them). A topic that keeps receiving records is read up to that point, not
+/// until it goes quiet.
 pub fn records(brokers: &str, topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
     use rdkafka::message::Headers;
     let c: BaseConsumer = ClientConfig::new()
@@ -270,43 +274,75 @@ pub fn records(brokers: &str, topic: &str, at_least: usize, timeout: Duration) -
         .unwrap();
     c.subscribe(&[topic]).unwrap();
     let deadline = Instant::now() + timeout;
+    let holds_enough =
+        |w: &Watermarks| w.values().map(|(low, high)| high - low).sum::<i64>() >= at_least as i64;
+    let mut ends = watermarks(&c, topic).filter(holds_enough);
+    // Per partition, the offset after the last record read.
+    let mut next: HashMap<i32, i64> = HashMap::new();
     let mut out = Vec::new();
-    let mut quiet_since = Instant::now();
     loop {
-        match c.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                quiet_since = Instant::now();
-                let headers = m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| {
-                                let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
-                                (h.key.to_string(), v.unwrap_or_default())
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(Record {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-                    value: m.payload().unwrap_or_default().to_vec(),
-                    headers,
-                    timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
-                });
-            }
-            _ if out.len() >= at_least && quiet_since.elapsed() > Duration::from_secs(1) => {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            let headers = m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| {
+                            let v = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                            (h.key.to_string(), v.unwrap_or_default())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            next.insert(m.partition(), m.offset() + 1);
+            out.push(Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                value: m.payload().unwrap_or_default().to_vec(),
+                headers,
+                timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+            });
+        }
+        let mut why = format!("read {} of at least {at_least} records", out.len());
+        if out.len() >= at_least {
+            ends = ends.or_else(|| watermarks(&c, topic));
+            let short: Vec<String> = match &ends {
+                Some(ends) => ends
+                    .iter()
+                    .map(|(p, (low, high))| (p, next.get(p).unwrap_or(low), high))
+                    .filter(|(_, at, high)| at < high)
+                    .map(|(p, at, high)| format!("partition {p} at {at} of {high}"))
+                    .collect(),
+                None => vec!["no watermarks".into()],
+            };
+            if short.is_empty() {
                 return out;
             }
-            _ => {}
+            why = format!("read {} records, {}", out.len(), short.join(", "));
         }
-        assert!(
-            Instant::now() < deadline,
-            "read {} of at least {at_least} records from {topic}",
-            out.len()
-        );
+        assert!(Instant::now() < deadline, "{why} from {topic}");
     }
+}
+
+/// Each partition's (low, high) watermarks.
+type Watermarks = BTreeMap<i32, (i64, i64)>;
+
+/// The watermarks of every partition of `topic` (none for a topic the broker does not know), or
+/// None when the broker did not answer.
+fn watermarks(c: &BaseConsumer, topic: &str) -> Option<Watermarks> {
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .ok()?;
+    let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
+        return Some(Watermarks::new());
+    };
+    t.partitions()
+        .iter()
+        .map(|p| {
+            let w = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10));
+            w.ok().map(|w| (p.id(), w))
+        })
+        .collect()
 }
 
 /// Whether the broker knows `topic`.
@@ -323,8 +359,8 @@ pub fn topic_exists(brokers: &str, topic: &str) -> bool {
         .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
 }
 
-/// Everything `topic` holds, read until `quiet` passes with no record (after the first
-/// assignment: an empty topic returns nothing).
+/// Everything `topic` holds now (its high watermarks); `quiet` lengthens the timeout (at least
+/// 60 s).
 pub fn records_quiet(brokers: &str, topic: &str, quiet: Duration) -> Vec<Record> {
     let len = topic_len(brokers, topic) as usize;
     records(brokers, topic, len, Duration::from_secs(60).max(quiet * 4))
