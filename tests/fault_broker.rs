@@ -167,7 +167,7 @@ async fn broker_gone_for_twenty_seconds_mid_stream_loses_and_duplicates_nothing(
     let mut agent = spawn_agent(&env, &settings);
     wl.publish(&env.brokers, &env.topic, 0..n / 2).await;
     faults::writing_past(&env, 0).await;
-    tokio::time::sleep(Duration::from_millis(rand::random_range(50..1500))).await;
+    tokio::time::sleep(Duration::from_millis(faults::random_range(50..1500))).await;
     proxy.set(Link::Down);
     // The rest is published into the outage: the publisher holds it until the broker is back.
     let publishing = {

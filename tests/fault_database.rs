@@ -23,7 +23,7 @@ const ALLOWED_TIERS: [&str; 1] = ["foreign_key_violation"];
 /// `faults::under_way`, then a random moment: the fault meets transactions at any stage.
 async fn under_way(env: &Env, wl: &Workload) {
     faults::under_way(env, wl).await;
-    tokio::time::sleep(Duration::from_millis(rand::random_range(0..300))).await;
+    tokio::time::sleep(Duration::from_millis(faults::random_range(0..300))).await;
 }
 
 /// Publishes the rest during the fault, and watches the agent's outage gauge until `DOWN` has

@@ -57,10 +57,10 @@ async fn members_replaced(scenario: &str, settings: &[(&str, &str)]) {
         .await;
         let before = env.count(WRITTEN).await;
         faults::writing_past(&env, before).await;
-        tokio::time::sleep(Duration::from_millis(rand::random_range(0..400))).await;
+        tokio::time::sleep(Duration::from_millis(faults::random_range(0..400))).await;
         most_parked = most_parked.max(env.count(PARKED_KEYS).await);
         // Alternately a graceful stop and a kill, of a random member, replaced at once.
-        let victim = rand::random_range(0..MEMBERS);
+        let victim = faults::random_range(0..MEMBERS);
         let (signal, code) = match k % 2 {
             0 => ("TERM", group[victim].term(60)),
             _ => ("KILL", group[victim].kill()),

@@ -27,7 +27,7 @@ async fn killed_repeatedly(scenario: &str, settings: &[(&str, &str)]) {
         // Let it get under way, then kill it mid-batch at a random moment.
         let before = env.count(written).await;
         faults::writing_past(&env, before).await;
-        tokio::time::sleep(Duration::from_millis(rand::random_range(50..1500))).await;
+        tokio::time::sleep(Duration::from_millis(faults::random_range(50..1500))).await;
         exit_codes.push(agent.kill());
         if k == KILLS / 2 {
             faults::add_late_book(&env).await;

@@ -29,7 +29,7 @@ async fn stopped_under_load_exits_zero_and_handles_nothing_twice() {
             .await;
         let before = env.count(written).await;
         faults::writing_past(&env, before).await;
-        tokio::time::sleep(Duration::from_millis(rand::random_range(50..800))).await;
+        tokio::time::sleep(Duration::from_millis(faults::random_range(50..800))).await;
         exit_codes.push(agent.term(60));
         agent = spawn_agent(&env, &[]);
     }

@@ -6,10 +6,14 @@
 
 #![allow(dead_code)]
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use rand::distr::uniform::{SampleRange, SampleUniform};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -35,6 +39,31 @@ pub fn size() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(600)
+}
+
+/// The fault suite's one source of chance (when a fault strikes, which member it strikes): a
+/// generator per test, seeded from `FAULT_SEED` when set, else at random, its seed printed on
+/// first use, so the delays and victims of a failed run can be replayed. Per test thread: draw
+/// from the test's own task (`#[tokio::test]` runs its body on that thread), not a spawned one.
+pub fn random_range<T: SampleUniform, R: SampleRange<T>>(range: R) -> T {
+    thread_local! {
+        static RNG: RefCell<Option<StdRng>> = const { RefCell::new(None) };
+    }
+    assert_ne!(
+        std::thread::current().name(),
+        Some("tokio-runtime-worker"),
+        "faults::random_range in a spawned task: its draws would not replay"
+    );
+    RNG.with_borrow_mut(|rng| rng.get_or_insert_with(seeded).random_range(range))
+}
+
+fn seeded() -> StdRng {
+    let seed = match std::env::var("FAULT_SEED").ok().filter(|s| !s.is_empty()) {
+        Some(s) => s.parse().unwrap_or_else(|e| panic!("FAULT_SEED={s}: {e}")),
+        None => rand::random(),
+    };
+    eprintln!("fault seed: {seed} (rerun with FAULT_SEED={seed})");
+    StdRng::seed_from_u64(seed)
 }
 
 #[derive(Clone, Debug, PartialEq)]
