@@ -1,7 +1,6 @@
 //! The broker side of the harness: which broker, topics made and deleted, records produced and
-//! read back, committed offsets, high watermarks; and the `Env` helpers built on them.
+//! read back, committed offsets; and the `Env` helpers built on them.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -183,15 +182,10 @@ pub fn committed(brokers: &str, group: &str, topic: &str, partition: i32) -> Opt
     }
 }
 
-/// The sum of the high watermarks of `topic`'s partitions.
+/// The sum of the high watermarks of `topic`'s partitions (tansu counts a multi-record batch as
+/// one record: exact only for topics written one record per batch).
 pub fn topic_len(brokers: &str, topic: &str) -> i64 {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("topic metadata");
+    let (c, md) = metadata(brokers, topic);
     let partitions = md
         .topics()
         .first()
@@ -259,10 +253,10 @@ impl Record {
     }
 }
 
-/// Everything in every partition of `topic` right now: up to the high watermarks of the start,
-/// or of the moment `at_least` records were read when they were not there yet at the start (waits
-/// up to `timeout` for them). A topic that keeps receiving records is read up to that point, not
-/// until it goes quiet.
+/// Everything in every partition of `topic`: waits up to `timeout` for `at_least` records, then
+/// reads until a second passes with none. Not up to the high watermarks: after a multi-record
+/// batch (the agent's result events) tansu's can be one short. A topic that never goes quiet is
+/// read until `timeout`.
 pub fn records(brokers: &str, topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
     use rdkafka::message::Headers;
     let c: BaseConsumer = ClientConfig::new()
@@ -274,14 +268,11 @@ pub fn records(brokers: &str, topic: &str, at_least: usize, timeout: Duration) -
         .unwrap();
     c.subscribe(&[topic]).unwrap();
     let deadline = Instant::now() + timeout;
-    let holds_enough =
-        |w: &Watermarks| w.values().map(|(low, high)| high - low).sum::<i64>() >= at_least as i64;
-    let mut ends = watermarks(&c, topic).filter(holds_enough);
-    // Per partition, the offset after the last record read.
-    let mut next: HashMap<i32, i64> = HashMap::new();
     let mut out = Vec::new();
+    let mut quiet_since = Instant::now();
     loop {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            quiet_since = Instant::now();
             let headers = m
                 .headers()
                 .map(|hs| {
@@ -293,7 +284,6 @@ pub fn records(brokers: &str, topic: &str, at_least: usize, timeout: Duration) -
                         .collect()
                 })
                 .unwrap_or_default();
-            next.insert(m.partition(), m.offset() + 1);
             out.push(Record {
                 partition: m.partition(),
                 offset: m.offset(),
@@ -303,50 +293,23 @@ pub fn records(brokers: &str, topic: &str, at_least: usize, timeout: Duration) -
                 timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
             });
         }
-        let mut why = format!("read {} of at least {at_least} records", out.len());
-        if out.len() >= at_least {
-            ends = ends.or_else(|| watermarks(&c, topic));
-            let short: Vec<String> = match &ends {
-                Some(ends) => ends
-                    .iter()
-                    .map(|(p, (low, high))| (p, next.get(p).unwrap_or(low), high))
-                    .filter(|(_, at, high)| at < high)
-                    .map(|(p, at, high)| format!("partition {p} at {at} of {high}"))
-                    .collect(),
-                None => vec!["no watermarks".into()],
-            };
-            if short.is_empty() {
-                return out;
-            }
-            why = format!("read {} records, {}", out.len(), short.join(", "));
+        let enough = out.len() >= at_least;
+        if enough && quiet_since.elapsed() > Duration::from_secs(1) {
+            return out;
         }
-        assert!(Instant::now() < deadline, "{why} from {topic}");
+        if Instant::now() >= deadline {
+            assert!(
+                enough,
+                "read {} of at least {at_least} records from {topic}",
+                out.len()
+            );
+            return out;
+        }
     }
 }
 
-/// Each partition's (low, high) watermarks.
-type Watermarks = BTreeMap<i32, (i64, i64)>;
-
-/// The watermarks of every partition of `topic` (none for a topic the broker does not know), or
-/// None when the broker did not answer.
-fn watermarks(c: &BaseConsumer, topic: &str) -> Option<Watermarks> {
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .ok()?;
-    let Some(t) = md.topics().first().filter(|t| t.error().is_none()) else {
-        return Some(Watermarks::new());
-    };
-    t.partitions()
-        .iter()
-        .map(|p| {
-            let w = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10));
-            w.ok().map(|w| (p.id(), w))
-        })
-        .collect()
-}
-
-/// Whether the broker knows `topic`.
-pub fn topic_exists(brokers: &str, topic: &str) -> bool {
+/// A client and the broker's metadata of `topic`.
+fn metadata(brokers: &str, topic: &str) -> (BaseConsumer, rdkafka::metadata::Metadata) {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -354,13 +317,20 @@ pub fn topic_exists(brokers: &str, topic: &str) -> bool {
     let md = c
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("topic metadata");
-    md.topics()
+    (c, md)
+}
+
+/// Whether the broker knows `topic`.
+pub fn topic_exists(brokers: &str, topic: &str) -> bool {
+    metadata(brokers, topic)
+        .1
+        .topics()
         .first()
         .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
 }
 
-/// Everything `topic` holds now (its high watermarks); `quiet` lengthens the timeout (at least
-/// 60 s).
+/// Everything `topic` holds: at least as many records as its high watermarks count, read until a
+/// second passes with none; `quiet` lengthens the timeout (at least 60 s).
 pub fn records_quiet(brokers: &str, topic: &str, quiet: Duration) -> Vec<Record> {
     let len = topic_len(brokers, topic) as usize;
     records(brokers, topic, len, Duration::from_secs(60).max(quiet * 4))
