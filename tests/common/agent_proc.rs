@@ -35,11 +35,7 @@ pub fn spawn_agent(env: &Env, extra: &[(&str, &str)]) -> AgentProc {
         // group, its last commit fails, and the next owner handles the drained work again.
         .env("SHUTDOWN_TIMEOUT", "12s")
         .env("LOG_FORMAT", "pretty")
-        // AGENT_RUST_LOG raises the agents' log level when a fault test needs explaining.
-        .env(
-            "RUST_LOG",
-            std::env::var("AGENT_RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .env("RUST_LOG", "warn")
         .env("KAFKA_CONFIG_session.timeout.ms", "6000")
         .env("KAFKA_CONFIG_max.poll.interval.ms", "15000")
         .env("KAFKA_CONFIG_fetch.wait.max.ms", "100")
@@ -47,6 +43,13 @@ pub fn spawn_agent(env: &Env, extra: &[(&str, &str)]) -> AgentProc {
         .stderr(file);
     for (k, v) in extra {
         cmd.env(k, v);
+    }
+    // `AGENT_X=v` in the test's environment sets `X=v` for its agents (`AGENT_RUST_LOG=info`,
+    // `AGENT_KAFKA_CONFIG_debug=cgrp`), to explain a failing run from their kept logs.
+    for (k, v) in std::env::vars() {
+        if let Some(name) = k.strip_prefix("AGENT_").filter(|n| !n.is_empty()) {
+            cmd.env(name, v);
+        }
     }
     AgentProc {
         child: cmd.spawn().expect("agent binary starts"),
