@@ -41,20 +41,33 @@ pub fn spawn_agent(env: &Env, extra: &[(&str, &str)]) -> AgentProc {
         .env("KAFKA_CONFIG_fetch.wait.max.ms", "100")
         .stdout(Stdio::null())
         .stderr(file);
+    for (name, value) in log_settings() {
+        cmd.env(name, value);
+    }
     for (k, v) in extra {
         cmd.env(k, v);
-    }
-    // `AGENT_X=v` in the test's environment sets `X=v` for its agents (`AGENT_RUST_LOG=info`,
-    // `AGENT_KAFKA_CONFIG_debug=cgrp`), to explain a failing run from their kept logs.
-    for (k, v) in std::env::vars() {
-        if let Some(name) = k.strip_prefix("AGENT_").filter(|n| !n.is_empty()) {
-            cmd.env(name, v);
-        }
     }
     AgentProc {
         child: cmd.spawn().expect("agent binary starts"),
         log,
     }
+}
+
+/// What the agents may be told from the test's environment, as `FAULT_AGENT_<name>`: how much
+/// they log, never what they do (a scenario's settings stay its own).
+const LOG_SETTINGS: [&str; 3] = ["RUST_LOG", "LOG_FORMAT", "KAFKA_CONFIG_debug"];
+
+/// The log settings the test's environment gives its agents, said once per test process.
+fn log_settings() -> Vec<(&'static str, std::ffi::OsString)> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let set: Vec<_> = LOG_SETTINGS
+        .iter()
+        .filter_map(|n| Some((*n, std::env::var_os(format!("FAULT_AGENT_{n}"))?)))
+        .collect();
+    if !set.is_empty() {
+        SAID.call_once(|| eprintln!("agents get {set:?} from FAULT_AGENT_*"));
+    }
+    set
 }
 
 impl AgentProc {

@@ -67,8 +67,8 @@ impl Env {
         committed(&self.brokers, &self.group, &self.topic, p)
     }
 
-    /// How many records `topic` holds (the sum of its partitions' high watermarks): exact, where
-    /// reading until a quiet second is not.
+    /// How many records `topic` holds (the sum of its partitions' high watermarks): exact for a
+    /// topic written one record per batch (the input, tiers, dead letters), not for results.
     pub fn topic_len(&self, topic: &str) -> i64 {
         topic_len(&self.brokers, topic)
     }
@@ -254,9 +254,9 @@ impl Record {
 }
 
 /// Everything in every partition of `topic`: waits up to `timeout` for `at_least` records, then
-/// reads until a second passes with none. Not up to the high watermarks: after a multi-record
-/// batch (the agent's result events) tansu's can be one short. A topic that never goes quiet is
-/// read until `timeout`.
+/// reads until a second passes with none. Not up to the high watermarks: tansu's count a
+/// multi-record batch (the agent's result events) as one record. A topic that never goes quiet
+/// is read until `timeout`.
 pub fn records(brokers: &str, topic: &str, at_least: usize, timeout: Duration) -> Vec<Record> {
     use rdkafka::message::Headers;
     let c: BaseConsumer = ClientConfig::new()

@@ -307,8 +307,8 @@ fn confirmations(env: &Env, quiet: Duration) -> HashMap<String, Vec<(String, Str
     out
 }
 
-/// Everything `topic` holds (nothing when it does not exist yet), read until `quiet` passes
-/// with no record.
+/// Everything `topic` holds (nothing when it does not exist yet), read until a second passes
+/// with no record; `quiet` lengthens the timeout.
 pub(super) fn read_all(env: &Env, topic: &str, quiet: Duration) -> Vec<Record> {
     if super::super::topic_exists(&env.brokers, topic) {
         super::super::records_quiet(&env.brokers, topic, quiet)
