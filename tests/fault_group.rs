@@ -69,9 +69,9 @@ async fn members_replaced(scenario: &str, settings: &[(&str, &str)]) {
         let (signal, code) = match k % 2 {
             0 => ("TERM", group[victim].term(60)),
             _ => {
-                members_known(&env, MEMBERS).await;
+                faults::members_known(&env, MEMBERS).await;
                 let code = group[victim].kill();
-                members_known(&env, MEMBERS - 1).await;
+                faults::members_known(&env, MEMBERS - 1).await;
                 ("KILL", code)
             }
         };
@@ -99,33 +99,6 @@ async fn members_replaced(scenario: &str, settings: &[(&str, &str)]) {
         let want = if *signal == "TERM" { 0 } else { 137 };
         assert_eq!(*code, want, "SIG{signal}: {signals:?} {exit_codes:?}");
     }
-}
-
-/// Waits until the broker counts `n` members in both of the agents' groups. A killed member's
-/// replacement starts once the broker expired it (its 6 s session and a heartbeat of the
-/// survivors, 1 s here): tansu expires a member without starting a new generation, so the
-/// survivors keep partitions assigned beside the dead member's, which nobody owns until the
-/// next join. The replacement's join after the expiry starts that generation (Apache Kafka
-/// rebalances every survivor itself). Counted before the kill too, so a replacement still
-/// joining is not mistaken for the expiry.
-async fn members_known(env: &Env, n: usize) {
-    for group in [env.group.clone(), format!("{}.retry", env.group)] {
-        let what = format!("{n} members in {group}");
-        common::wait_for(&what, 60, async || members(&env.brokers, &group) == Some(n)).await;
-    }
-}
-
-/// How many members the broker lists in `group`.
-fn members(brokers: &str, group: &str) -> Option<usize> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let c: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .ok()?;
-    let list = c
-        .fetch_group_list(Some(group), Duration::from_secs(5))
-        .ok()?;
-    list.groups().first().map(|g| g.members().len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

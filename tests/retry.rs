@@ -160,7 +160,7 @@ async fn succeeds_from_tier_two_once_the_book_appears() {
     assert!(waited >= 5.0, "2 s + 3 s of tiers at least, got {waited}");
     assert_eq!(metrics.outcome_count(&env.topic, outcome::PERSISTED), 1);
     assert_eq!(env.committed(0), Some(1));
-    let retry_group = format!("{}.retry", env.group);
+    let retry_group = env.retry_group();
     for (label, want) in [("2s", Some(1)), ("3s", Some(1))] {
         let got = common::committed(&env.brokers, &retry_group, &env.tier_topic(label), 0);
         assert_eq!(got, want, "tier {label} committed past its message");

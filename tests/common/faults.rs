@@ -22,10 +22,13 @@ use super::{json, request, Env};
 #[allow(unused_imports)]
 pub use super::agent_proc::{spawn_agent, AgentProc};
 #[allow(unused_imports)]
+pub use group::*;
+#[allow(unused_imports)]
 pub use probes::*;
 #[allow(unused_imports)]
 pub use verdict::*;
 
+mod group;
 mod probes;
 mod verdict;
 

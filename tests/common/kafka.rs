@@ -96,6 +96,11 @@ impl Env {
         records(&self.brokers, topic, at_least, Duration::from_secs(secs))
     }
 
+    /// The group of the agents' retry-tier consumers.
+    pub fn retry_group(&self) -> String {
+        format!("{}.retry", self.group)
+    }
+
     pub fn tier_topic(&self, label: &str) -> String {
         format!("{}.retry.{label}", self.topic)
     }

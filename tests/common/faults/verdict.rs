@@ -396,7 +396,7 @@ async fn tiers_waiting(env: &Env) -> Vec<String> {
     }
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &env.brokers)
-        .set("group.id", format!("{}.retry", env.group))
+        .set("group.id", env.retry_group())
         .create()
         .unwrap();
     let timeout = Duration::from_secs(10);
