@@ -56,6 +56,39 @@ async fn a_head_parked_before_a_crash_is_settled_on_redelivery() {
     assert_eq!(env.committed(0), Some(2));
 }
 
+/// A head redelivered after a crash was written, and the agent was killed again before its
+/// release: its next delivery finds the request in the ledger, and must still release the key
+/// (the fault suite's long run left a key parked this way, its followers never written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_written_before_a_crash_releases_its_key_on_redelivery() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    park_key(&env, "alice", 0, "0").await;
+    park_request(&env, "alice", 1, "a2").await;
+    env.pg
+        .execute(
+            "INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset)
+             VALUES ('a1', gen_random_uuid(), 'alice', $1, 0, 0)",
+            &[&env.topic],
+        )
+        .await
+        .unwrap();
+    let agent = env.start(&["--retry-delays=1h"]).await;
+    env.produce("alice", &json(request("alice", Some("a1"), &[("b1", 0.5)])))
+        .await;
+    env.produce("alice", &json(request("alice", Some("a2"), &[("b1", 0.6)])))
+        .await;
+    env.produce("alice", &json(request("alice", Some("a3"), &[("b1", 0.7)])))
+        .await;
+    env.wait_count("SELECT count(*) FROM processed_request", 3, 30)
+        .await;
+    env.wait_committed(1, 3, 30).await;
+    stop(agent).await;
+    assert_eq!(env.request_ids(None).await, ["a1", "a2", "a3"]);
+    assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
+}
+
 /// The agent promoted a parked request to head, then stopped before forwarding it: when the
 /// old head's tier copy finishes, the promoted request is settled first, then the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

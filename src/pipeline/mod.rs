@@ -29,7 +29,8 @@ use ordering::Order;
 
 /// How processing a request ended.
 enum Settled {
-    Persisted(PersistenceResult),
+    /// Written now, or found in the ledger (`Written::Duplicate`).
+    Persisted(PersistenceResult, Written),
     /// Forwarded, and acknowledged by the broker; `headed` when routing made the request its
     /// key's head (it must then release or hand on the key, wherever it ended).
     Routed(PersistenceResult, Destination, bool),
@@ -86,7 +87,7 @@ impl Pipeline {
                 events::Parked { env: &env }.emit(&self.metrics);
                 return Handled::Done(None);
             }
-            Settled::Persisted(r) => r,
+            Settled::Persisted(r, _) => r,
             Settled::Routed(r, Destination::Tier { .. }, _) => return self.confirm(&env, &r).await,
             Settled::Routed(r, Destination::DeadLetter { .. }, _) => r,
         };
@@ -123,6 +124,19 @@ impl Pipeline {
             let settled = self.settle(env, &order).await;
             if !matches!(settled, Settled::Blocked) {
                 let headed = matches!(settled, Settled::Routed(_, _, true));
+                // A head settled before, whose release a crash, shutdown or revoke cut short,
+                // finds its request in the ledger (that outranks the key being parked): it
+                // still heads its key, and the requests parked behind it wait for its release.
+                let recorded = matches!(settled, Settled::Persisted(_, Written::Duplicate));
+                if recorded && !is_head && matches!(order, Order::Fresh(_)) {
+                    return match self
+                        .db(env, "park", || park::holds(self.persister.pool(), env))
+                        .await
+                    {
+                        Some(held) => (settled, held),
+                        None => (Settled::Abandoned, false),
+                    };
+                }
                 return (settled, is_head || headed);
             }
             match self
@@ -170,7 +184,10 @@ impl Pipeline {
         };
         match outcome {
             Ok(persisted) if persisted.written == Written::Blocked => Settled::Blocked,
-            Ok(persisted) => Settled::Persisted(self.succeeded(env, persisted)),
+            Ok(persisted) => {
+                let written = persisted.written;
+                Settled::Persisted(self.succeeded(env, persisted), written)
+            }
             Err(f) if f.disposition == Disposition::Fatal => {
                 self.life.fail(&f);
                 Settled::Abandoned

@@ -137,7 +137,7 @@ impl Pipeline {
             };
             let (result, to_tier, headed) = match Box::pin(self.settle(env, &order)).await {
                 Settled::Abandoned | Settled::Blocked | Settled::Parked => return false,
-                Settled::Persisted(r) => (r, false, false),
+                Settled::Persisted(r, _) => (r, false, false),
                 Settled::Routed(r, dest, headed) => {
                     (r, matches!(dest, Destination::Tier { .. }), headed)
                 }
