@@ -19,7 +19,7 @@ args=()
 for t in $tests; do args+=(--test "$t"); done
 echo "faults.sh: $FAULTS_REQUESTS requests per scenario; DATABASE_URL=${DATABASE_URL%%\?*} KAFKA_BROKERS=$KAFKA_BROKERS"
 set +e
-cargo test --locked "${args[@]}" -- --test-threads=1 "$@" 2>&1 |
+cargo test --locked --no-fail-fast "${args[@]}" -- --test-threads=1 "$@" 2>&1 |
   grep -E '^(test |fault report|fault seed|test result|thread .* panicked)'
 status=${PIPESTATUS[0]}
 set -e

@@ -65,21 +65,12 @@ async fn a_head_written_before_a_crash_releases_its_key_on_redelivery() {
     env.books(&["b1"]).await;
     park_key(&env, "alice", 0, "0").await;
     park_request(&env, "alice", 1, "a2").await;
-    env.pg
-        .execute(
-            "INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset)
-             VALUES ('a1', gen_random_uuid(), 'alice', $1, 0, 0)",
-            &[&env.topic],
-        )
-        .await
-        .unwrap();
+    written_before(&env, "a1", 0).await;
     let agent = env.start(&["--retry-delays=1h"]).await;
-    env.produce("alice", &json(request("alice", Some("a1"), &[("b1", 0.5)])))
-        .await;
-    env.produce("alice", &json(request("alice", Some("a2"), &[("b1", 0.6)])))
-        .await;
-    env.produce("alice", &json(request("alice", Some("a3"), &[("b1", 0.7)])))
-        .await;
+    for (id, score) in [("a1", 0.5), ("a2", 0.6), ("a3", 0.7)] {
+        env.produce("alice", &json(request("alice", Some(id), &[("b1", score)])))
+            .await;
+    }
     env.wait_count("SELECT count(*) FROM processed_request", 3, 30)
         .await;
     env.wait_committed(1, 3, 30).await;
@@ -87,6 +78,42 @@ async fn a_head_written_before_a_crash_releases_its_key_on_redelivery() {
     assert_eq!(env.request_ids(None).await, ["a1", "a2", "a3"]);
     assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
+}
+
+/// As above, but the cut release had promoted the first follower (its tier would take it) and
+/// was killed before forwarding it: the head's next delivery resumes that follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_written_before_a_crash_resumes_the_follower_it_promoted() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    park_key(&env, "alice", 1, "0").await;
+    park_request(&env, "alice", 1, "a2").await;
+    written_before(&env, "a1", 0).await;
+    let agent = env.start(&["--retry-delays=1h"]).await;
+    // a2 was committed when it was parked: another user's request takes its offset here.
+    for (user, id) in [("alice", "a1"), ("zed", "z1"), ("alice", "a3")] {
+        env.produce(user, &json(request(user, Some(id), &[("b1", 0.5)])))
+            .await;
+    }
+    env.wait_count("SELECT count(*) FROM processed_request", 4, 30)
+        .await;
+    env.wait_committed(1, 3, 30).await;
+    stop(agent).await;
+    assert_eq!(env.request_ids(Some("alice")).await, ["a1", "a2", "a3"]);
+    assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
+}
+
+/// The ledger row a request written at input offset `offset` of partition 0 left.
+async fn written_before(env: &Env, id: &str, offset: i64) {
+    env.pg
+        .execute(
+            "INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset)
+             VALUES ($1, gen_random_uuid(), 'alice', $2, 0, $3)",
+            &[&id, &env.topic, &offset],
+        )
+        .await
+        .unwrap();
 }
 
 /// The agent promoted a parked request to head, then stopped before forwarding it: when the

@@ -120,23 +120,6 @@ pub async fn park_head(pool: &Pool, env: &Envelope) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Whether `env` itself heads its key. A head whose request is in the ledger was settled by
-/// an earlier delivery whose release did not finish: this delivery releases the key.
-pub async fn holds(pool: &Pool, env: &Envelope) -> Result<bool, Failure> {
-    let Some(k) = ParkKey::of(env) else {
-        return Ok(false);
-    };
-    let c = pool.get().await.map_err(|e| Failure::from(&e))?;
-    let row = c
-        .query_opt(
-            "SELECT 1 FROM parked_key
-             WHERE topic = $1 AND partition = $2 AND key = $3 AND head_offset = $4",
-            &[&k.topic, &k.partition, &k.key, &env.origin.offset],
-        )
-        .await?;
-    Ok(row.is_some())
-}
-
 /// What a release does next.
 pub enum Next {
     /// The oldest parked request, to settle now.

@@ -109,8 +109,9 @@ impl Pipeline {
     }
 
     /// Settles `env` keeping its key's order, and says whether it ended as its key's head (a
-    /// tier copy, a request found parked for itself, or one that routing made head), which
-    /// must then release or hand on the key wherever it ended.
+    /// tier copy, a request found parked for itself, one that routing made head, or one found
+    /// in the ledger, which may be a head settled before), which must then release or hand on
+    /// the key wherever it ended.
     async fn settle_in_order(&self, env: &Envelope) -> (Settled, bool) {
         let fresh = self.trust.input_topics.contains(&env.topic);
         // A fresh keyed request is checked against parked keys inside its own transaction (no
@@ -124,20 +125,13 @@ impl Pipeline {
             let settled = self.settle(env, &order).await;
             if !matches!(settled, Settled::Blocked) {
                 let headed = matches!(settled, Settled::Routed(_, _, true));
-                // A head settled before, whose release a crash, shutdown or revoke cut short,
-                // finds its request in the ledger (that outranks the key being parked): it
-                // still heads its key, and the requests parked behind it wait for its release.
+                // A request found in the ledger may be a head settled before, whose release a
+                // crash, shutdown or revoke cut short (the ledger outranks the parked key): it
+                // releases its key, or resumes the follower that release promoted. A key free, or
+                // held by a head waiting in a tier, gives it nothing to do.
                 let recorded = matches!(settled, Settled::Persisted(_, Written::Duplicate));
-                if recorded && !is_head && matches!(order, Order::Fresh(_)) {
-                    return match self
-                        .db(env, "park", || park::holds(self.persister.pool(), env))
-                        .await
-                    {
-                        Some(held) => (settled, held),
-                        None => (Settled::Abandoned, false),
-                    };
-                }
-                return (settled, is_head || headed);
+                let resumes = recorded && matches!(order, Order::Fresh(_));
+                return (settled, is_head || headed || resumes);
             }
             match self
                 .db(env, "park", || park::gate(self.persister.pool(), env))
