@@ -3,33 +3,9 @@
 
 mod common;
 
+use common::parked::{park_key, park_request};
 use common::{json, request, stop, Env};
 use persistence_agent::message::headers;
-
-/// Writes `parked_key` as an earlier run would have left it: `key` of partition 0 held by the
-/// head at input offset `head` since `age` ago (a PostgreSQL interval).
-async fn park_key(env: &Env, key: &str, head: i64, age: &str) {
-    let sql = format!(
-        "INSERT INTO parked_key (topic, partition, key, head_offset, parked_at)
-         VALUES ($1, 0, $2, $3, now() - interval '{age}')"
-    );
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-        [&env.topic, &key.as_bytes(), &head];
-    env.pg.execute(&sql, &params).await.unwrap();
-}
-
-/// A request `id` of user `key` (also its message key), parked at input offset `offset`.
-async fn park_request(env: &Env, key: &str, offset: i64, id: &str) {
-    let value = json(request(key, Some(id), &[("b1", 0.5)]));
-    env.pg
-        .execute(
-            "INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values)
-             VALUES ($1, 0, $2, $3, $4, '{}', '{}')",
-            &[&env.topic, &key.as_bytes(), &offset, &value],
-        )
-        .await
-        .unwrap();
-}
 
 /// The agent parked a request as its key's head, then stopped before its tier copy was
 /// acknowledged: the redelivered request is settled again, as the head, and releases the key.
@@ -56,68 +32,9 @@ async fn a_head_parked_before_a_crash_is_settled_on_redelivery() {
     assert_eq!(env.committed(0), Some(2));
 }
 
-/// A head redelivered after a crash was written, and the agent was killed again before its
-/// release: its next delivery finds the request in the ledger, and must still release the key
-/// (the fault suite's long run left a key parked this way, its followers never written).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_head_written_before_a_crash_releases_its_key_on_redelivery() {
-    let env = Env::new(1).await;
-    env.books(&["b1"]).await;
-    park_key(&env, "alice", 0, "0").await;
-    park_request(&env, "alice", 1, "a2").await;
-    written_before(&env, "a1", 0).await;
-    let agent = env.start(&["--retry-delays=1h"]).await;
-    for (id, score) in [("a1", 0.5), ("a2", 0.6), ("a3", 0.7)] {
-        env.produce("alice", &json(request("alice", Some(id), &[("b1", score)])))
-            .await;
-    }
-    env.wait_count("SELECT count(*) FROM processed_request", 3, 30)
-        .await;
-    env.wait_committed(1, 3, 30).await;
-    stop(agent).await;
-    assert_eq!(env.request_ids(None).await, ["a1", "a2", "a3"]);
-    assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
-    assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
-}
-
-/// As above, but the cut release had promoted the first follower (its tier would take it) and
-/// was killed before forwarding it: the head's next delivery resumes that follower.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_head_written_before_a_crash_resumes_the_follower_it_promoted() {
-    let env = Env::new(1).await;
-    env.books(&["b1"]).await;
-    park_key(&env, "alice", 1, "0").await;
-    park_request(&env, "alice", 1, "a2").await;
-    written_before(&env, "a1", 0).await;
-    let agent = env.start(&["--retry-delays=1h"]).await;
-    // a2 was committed when it was parked: another user's request takes its offset here.
-    for (user, id) in [("alice", "a1"), ("zed", "z1"), ("alice", "a3")] {
-        env.produce(user, &json(request(user, Some(id), &[("b1", 0.5)])))
-            .await;
-    }
-    env.wait_count("SELECT count(*) FROM processed_request", 4, 30)
-        .await;
-    env.wait_committed(1, 3, 30).await;
-    stop(agent).await;
-    assert_eq!(env.request_ids(Some("alice")).await, ["a1", "a2", "a3"]);
-    assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
-    assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
-}
-
-/// The ledger row a request written at input offset `offset` of partition 0 left.
-async fn written_before(env: &Env, id: &str, offset: i64) {
-    env.pg
-        .execute(
-            "INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset)
-             VALUES ($1, gen_random_uuid(), 'alice', $2, 0, $3)",
-            &[&id, &env.topic, &offset],
-        )
-        .await
-        .unwrap();
-}
-
 /// The agent promoted a parked request to head, then stopped before forwarding it: when the
-/// old head's tier copy finishes, the promoted request is settled first, then the rest.
+/// old head's tier copy finishes, the promoted request is settled first, then the rest. (The
+/// key's row has no `promoted_by`, as one written before that column: any release resumes it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_promoted_before_a_crash_is_resumed_by_the_release() {
     let env = Env::new(1).await;

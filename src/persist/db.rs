@@ -13,6 +13,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "core", include_str!("../../migrations/0001_core.sql")),
     (2, "retry", include_str!("../../migrations/0002_retry.sql")),
     (3, "fence", include_str!("../../migrations/0003_fence.sql")),
+    (
+        4,
+        "promoted_by",
+        include_str!("../../migrations/0004_promoted_by.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migrations across replicas starting together.

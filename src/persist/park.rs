@@ -52,20 +52,24 @@ pub enum Gate {
 pub struct Follower {
     pub id: i64,
     pub envelope: Envelope,
+    /// The key's head when the release took this request up, and the input offset of the
+    /// message running that release: a promotion checks the one and records the other.
+    pub released_by: (i64, i64),
 }
 
 const PARK_SQL: &str = r#"
 WITH k AS (
-    SELECT head_offset FROM parked_key
+    SELECT head_offset, promoted_by FROM parked_key
     WHERE topic = $1 AND partition = $2 AND key = $3
     FOR SHARE
 ), ins AS (
     INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values, message_timestamp)
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM k WHERE k.head_offset <> $4
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM k
+    WHERE k.head_offset <> $4 AND k.promoted_by IS DISTINCT FROM $4
     ON CONFLICT (topic, partition, source_offset) DO NOTHING
     RETURNING 1
 )
-SELECT (SELECT head_offset FROM k)
+SELECT (SELECT head_offset FROM k), (SELECT promoted_by FROM k)
 "#;
 
 /// Parks `env` if its key has a head waiting in a retry tier; one statement, autocommitted.
@@ -96,9 +100,13 @@ pub async fn gate(pool: &Pool, env: &Envelope) -> Result<Gate, Failure> {
             ],
         )
         .await?;
+    let promoted_by: Option<i64> = row.get(1);
     Ok(match row.get::<_, Option<i64>>(0) {
         None => Gate::Free,
         Some(head) if head == o.offset => Gate::Head,
+        // Its release promoted the head and stopped before forwarding it: settled again as
+        // the head it was, this message resumes that release.
+        Some(_) if promoted_by == Some(o.offset) => Gate::Head,
         Some(_) => Gate::Parked,
     })
 }
@@ -153,15 +161,21 @@ pub async fn next_follower(
         [&key.topic, &key.partition, &key.key];
     let owner = tx
         .query_opt(
-            "SELECT head_offset FROM parked_key WHERE topic = $1 AND partition = $2 AND key = $3 FOR UPDATE",
+            "SELECT head_offset, promoted_by FROM parked_key WHERE topic = $1 AND partition = $2 AND key = $3 FOR UPDATE",
             &keyp,
         )
         .await?
-        .map(|r| r.get::<_, i64>(0));
-    let Some(owner) = owner else {
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1)));
+    let Some((owner, promoted_by)) = owner else {
         return Ok(Next::Done);
     };
     if owner != head {
+        // Another head holds the key: resumed only by the release that promoted it (NULL: a
+        // row from before `promoted_by`, resumed by any release, as then).
+        if promoted_by.is_some_and(|by| by != head) {
+            tx.commit().await?;
+            return Ok(Next::Done);
+        }
         let promoted = tx
             .query_opt(
                 &format!(
@@ -235,6 +249,7 @@ fn follower(key: &ParkKey, row: &tokio_postgres::Row, trust: &Trust) -> Follower
     Follower {
         id: row.get(0),
         envelope,
+        released_by: (0, 0),
     }
 }
 
@@ -248,22 +263,29 @@ pub async fn finished(pool: &Pool, follower: &Follower) -> Result<(), Failure> {
 
 /// A follower about to go to a retry tier becomes the head the rest wait for. Done before it
 /// is forwarded, so its tier copy always finds itself the head; its queue entry is removed
-/// (`finished`) only once the forward was acknowledged.
-pub async fn promote(pool: &Pool, follower: &Follower) -> Result<(), Failure> {
+/// (`finished`) only once the forward was acknowledged. False when the key's head is no longer
+/// the one this release took the follower up under: another release (a tier copy and its
+/// redelivered input, say) settled or promoted it first, and this one must stop, or it would
+/// hand the key back to a request already behind it.
+pub async fn promote(pool: &Pool, follower: &Follower) -> Result<bool, Failure> {
     let Some(k) = ParkKey::of(&follower.envelope) else {
-        return Ok(());
+        return Ok(true);
     };
     let c = pool.get().await.map_err(|e| Failure::from(&e))?;
-    c.execute(
-        "UPDATE parked_key SET head_offset = $4, parked_at = now()
-         WHERE topic = $1 AND partition = $2 AND key = $3",
-        &[
-            &k.topic,
-            &k.partition,
-            &k.key,
-            &follower.envelope.origin.offset,
-        ],
-    )
-    .await?;
-    Ok(())
+    let (head, by) = follower.released_by;
+    let promoted = c
+        .execute(
+            "UPDATE parked_key SET head_offset = $4, promoted_by = $6, parked_at = now()
+             WHERE topic = $1 AND partition = $2 AND key = $3 AND head_offset = $5",
+            &[
+                &k.topic,
+                &k.partition,
+                &k.key,
+                &follower.envelope.origin.offset,
+                &head,
+                &by,
+            ],
+        )
+        .await?;
+    Ok(promoted == 1)
 }

@@ -30,6 +30,7 @@ impl Pipeline {
             match self.hold_key(env, order).await {
                 None => return Settled::Abandoned,
                 Some(KeyHold::Parked) => return Settled::Parked,
+                Some(KeyHold::Superseded) => return Settled::Superseded,
                 Some(KeyHold::Headed) => headed = true,
                 Some(KeyHold::Unordered) => {}
             }

@@ -40,6 +40,8 @@ enum Settled {
     Blocked,
     /// Stored behind an earlier request of its key that waits in a retry tier.
     Parked,
+    /// A parked request being released, left to another release that took the key over.
+    Superseded,
 }
 
 pub struct Pipeline {
@@ -82,7 +84,10 @@ impl Pipeline {
         events::Consumed { env: &env }.emit(&self.metrics);
         let (settled, is_head) = self.settle_in_order(&env).await;
         let result = match settled {
-            Settled::Abandoned | Settled::Blocked => return Handled::Abandoned,
+            // Superseded comes only from a release, never from a consumed message.
+            Settled::Abandoned | Settled::Blocked | Settled::Superseded => {
+                return Handled::Abandoned
+            }
             Settled::Parked => {
                 events::Parked { env: &env }.emit(&self.metrics);
                 return Handled::Done(None);
@@ -127,8 +132,8 @@ impl Pipeline {
                 let headed = matches!(settled, Settled::Routed(_, _, true));
                 // A request found in the ledger may be a head settled before, whose release a
                 // crash, shutdown or revoke cut short (the ledger outranks the parked key): it
-                // releases its key, or resumes the follower that release promoted. A key free, or
-                // held by a head waiting in a tier, gives it nothing to do.
+                // releases its key, or resumes the follower that release promoted. A key free,
+                // or held by a head that this message did not promote, gives it nothing to do.
                 let recorded = matches!(settled, Settled::Persisted(_, Written::Duplicate));
                 let resumes = recorded && matches!(order, Order::Fresh(_));
                 return (settled, is_head || headed || resumes);

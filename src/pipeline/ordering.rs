@@ -19,6 +19,8 @@ pub(super) enum KeyHold {
     Headed,
     /// Another request holds the key: this one was parked behind it.
     Parked,
+    /// A parked request's release lost the key to another release, which settles it.
+    Superseded,
 }
 
 /// How a request takes part in per-key ordering.
@@ -97,10 +99,10 @@ impl Pipeline {
                     Some(KeyHold::Headed)
                 }
             },
-            Order::Follower(f) => {
-                self.db(env, "promote", || park::promote(pool, f)).await?;
-                Some(KeyHold::Headed)
-            }
+            Order::Follower(f) => match self.db(env, "promote", || park::promote(pool, f)).await? {
+                true => Some(KeyHold::Headed),
+                false => Some(KeyHold::Superseded),
+            },
         }
     }
 
@@ -127,6 +129,7 @@ impl Pipeline {
                 Some(park::Next::Resume(f)) => (f, true),
             };
             // The releaser's work: it acts while the releaser's partition is ours.
+            follower.released_by = (head_offset, head.origin.offset);
             follower.envelope.owner = head.owner.clone();
             follower.envelope.hold = head.hold.clone();
             let env = &follower.envelope;
@@ -137,6 +140,8 @@ impl Pipeline {
             };
             let (result, to_tier, headed) = match Box::pin(self.settle(env, &order)).await {
                 Settled::Abandoned | Settled::Blocked | Settled::Parked => return false,
+                // Another release holds the key now: the rest is its to settle.
+                Settled::Superseded => return true,
                 Settled::Persisted(r, _) => (r, false, false),
                 Settled::Routed(r, dest, headed) => {
                     (r, matches!(dest, Destination::Tier { .. }), headed)

@@ -12,6 +12,7 @@ mod cluster;
 pub mod faults;
 pub mod hostile;
 mod kafka;
+pub mod parked;
 pub mod pki;
 
 #[allow(unused_imports)]

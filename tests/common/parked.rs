@@ -1,0 +1,54 @@
+//! The parking tables as an earlier run would have left them, for the tests of per-key order
+//! recovering from an agent stopped part-way through the parking protocol.
+
+#![allow(dead_code)]
+
+use super::{json, request, Env};
+
+/// Writes `parked_key` as an earlier run would have left it: `key` of partition 0 held by the
+/// head at input offset `head` since `age` ago (a PostgreSQL interval).
+pub async fn park_key(env: &Env, key: &str, head: i64, age: &str) {
+    let sql = format!(
+        "INSERT INTO parked_key (topic, partition, key, head_offset, parked_at)
+         VALUES ($1, 0, $2, $3, now() - interval '{age}')"
+    );
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&env.topic, &key.as_bytes(), &head];
+    env.pg.execute(&sql, &params).await.unwrap();
+}
+
+/// A request `id` of user `key` (also its message key), parked at input offset `offset`.
+pub async fn park_request(env: &Env, key: &str, offset: i64, id: &str) {
+    let value = json(request(key, Some(id), &[("b1", 0.5)]));
+    env.pg
+        .execute(
+            "INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values)
+             VALUES ($1, 0, $2, $3, $4, '{}', '{}')",
+            &[&env.topic, &key.as_bytes(), &offset, &value],
+        )
+        .await
+        .unwrap();
+}
+
+/// The ledger row a request written at input offset `offset` of partition 0 left.
+pub async fn written_before(env: &Env, id: &str, offset: i64) {
+    env.pg
+        .execute(
+            "INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset)
+             VALUES ($1, gen_random_uuid(), 'alice', $2, 0, $3)",
+            &[&id, &env.topic, &offset],
+        )
+        .await
+        .unwrap();
+}
+
+/// Records that the release run by the message at input offset `by` promoted `key`'s head.
+pub async fn promoted_by(env: &Env, key: &str, by: i64) {
+    env.pg
+        .execute(
+            "UPDATE parked_key SET promoted_by = $2 WHERE key = $1",
+            &[&key.as_bytes(), &by],
+        )
+        .await
+        .unwrap();
+}
