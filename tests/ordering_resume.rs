@@ -4,8 +4,9 @@
 
 mod common;
 
-use common::parked::{park_key, park_request, promoted_by, written_before};
+use common::parked::{park_key, park_request, parked_id, promoted_by, written_before};
 use common::{json, request, stop, Env};
+use persistence_agent::message::headers;
 
 /// A head redelivered after a crash was written, and the agent was killed again before its
 /// release: its next delivery finds the request in the ledger, and must still release the key
@@ -44,7 +45,7 @@ async fn a_head_written_before_a_crash_resumes_the_follower_it_promoted() {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
     park_key(&env, "alice", 1, "0").await;
-    promoted_by(&env, "alice", 0).await;
+    promoted_by(&env, "alice", &format!("{}:0:0", env.topic)).await;
     park_request(&env, "alice", 1, "a2").await;
     written_before(&env, "a1", 0).await;
     // a2 was committed when it was parked: another user's request takes its offset here.
@@ -59,15 +60,16 @@ async fn a_head_written_before_a_crash_resumes_the_follower_it_promoted() {
     assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
 }
 
-/// As above, but the head was not written (it was dead-lettered, say, when its tier refused its
-/// size): its next delivery is not parked behind the follower it promoted, but settled again
-/// as the head and resumes it.
+/// As above, but the head is not in the ledger (it was dead-lettered, say, when its tier
+/// refused its size): its next delivery is not parked behind the follower its release promoted,
+/// but settled again as the head (here it is written; a dead-lettered one would be
+/// dead-lettered again), and resumes that follower.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_not_written_resumes_the_follower_its_release_promoted() {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
     park_key(&env, "alice", 1, "0").await;
-    promoted_by(&env, "alice", 0).await;
+    promoted_by(&env, "alice", &format!("{}:0:0", env.topic)).await;
     park_request(&env, "alice", 1, "a2").await;
     run_over(
         &env,
@@ -80,15 +82,15 @@ async fn a_head_not_written_resumes_the_follower_its_release_promoted() {
     assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
 }
 
-/// A request found in the ledger whose key another message's release promoted a follower of
-/// (that release may be running right now) leaves the follower alone: settling it beside the
-/// live release could hand the key back to a request already behind it.
+/// A request found in the ledger whose key's head another record's release promoted (here the
+/// tier copy of the same request, whose release may be running right now) leaves that head
+/// alone: settling it beside the live release would start a second tier chain for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_leaves_a_follower_another_release_promoted_alone() {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
     park_key(&env, "alice", 1, "0").await;
-    promoted_by(&env, "alice", 7).await;
+    promoted_by(&env, "alice", &format!("{}:0:0", env.tier_topic("1h"))).await;
     park_request(&env, "alice", 1, "a2").await;
     written_before(&env, "a1", 0).await;
     run_over(
@@ -105,6 +107,74 @@ async fn a_duplicate_leaves_a_follower_another_release_promoted_alone() {
         2,
         "a2 and a3 wait"
     );
+}
+
+/// A head promoted by an agent from before `promoted_by` (it moved `head_offset` alone, so the
+/// recorded promoter is a stale one) is resumed by any release, as such agents did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_by_an_older_agent_is_resumed_by_any_release() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    park_key(&env, "alice", 1, "0").await;
+    promoted_by(&env, "alice", &format!("{}:0:0", env.tier_topic("1h"))).await;
+    let stale = "UPDATE parked_key SET promoted_head = 0";
+    env.pg.execute(stale, &[]).await.unwrap();
+    park_request(&env, "alice", 1, "a2").await;
+    written_before(&env, "a1", 0).await;
+    run_over(
+        &env,
+        &[("alice", "a1"), ("zed", "z1"), ("alice", "a3")],
+        &[],
+    )
+    .await;
+    assert_eq!(env.request_ids(Some("alice")).await, ["a1", "a2", "a3"]);
+    assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
+}
+
+/// A promotion names the record whose release made it: a tier copy, not the input message it
+/// is a copy of (the two can run at once, and only the releasing one may resume its release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_names_the_tier_copy_that_released_the_key() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    park_key(&env, "alice", 0, "0").await;
+    let late = json(request("alice", Some("a2"), &[("b-late", 0.5)]));
+    env.pg
+        .execute(
+            "INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values)
+             VALUES ($1, 0, 'alice', 1, $2, '{}', '{}')",
+            &[&env.topic, &late],
+        )
+        .await
+        .unwrap();
+    let agent = env.start(&["--retry-delays=1s,1h"]).await;
+    let tier = env.tier_topic("1s");
+    common::produce(
+        &env.brokers,
+        &tier,
+        Some("alice"),
+        &json(request("alice", Some("a1"), &[("b1", 0.5)])),
+        &[
+            (headers::ORIGINAL_TOPIC, env.topic.as_str()),
+            (headers::ORIGINAL_PARTITION, "0"),
+            (headers::ORIGINAL_OFFSET, "0"),
+            (headers::ATTEMPT, "1"),
+            (headers::FIRST_FAILURE, "2026-01-01T00:00:00.000Z"),
+            (headers::DUE, "2026-01-01T00:00:01.000Z"),
+        ],
+    )
+    .await;
+    env.records(&env.tier_topic("1h"), 1, 30);
+    env.wait_count("SELECT count(*) FROM parked_message", 0, 30)
+        .await;
+    stop(agent).await;
+    let row = env
+        .pg
+        .query_one("SELECT head_offset, promoted_by FROM parked_key", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1, "a2 heads the key");
+    assert_eq!(row.get::<_, Option<String>>(1), Some(format!("{tier}:0:0")));
 }
 
 /// Runs the agent over alice's and others' requests `msgs` (user, request id: input offsets 0,
@@ -129,8 +199,8 @@ async fn a_promotion_under_a_head_that_moved_on_changes_nothing() {
     let env = Env::new(1).await;
     park_key(&env, "alice", 2, "0").await;
     let pool = persistence_agent::persist::db::pool(&env.run_args(&[]).db).unwrap();
-    let follower = |offset: i64, released_by| Follower {
-        id: 0,
+    let follower = |id: i64, offset: i64, released_by: (i64, &str)| Follower {
+        id,
         envelope: Envelope::new(
             (env.topic.clone(), 0, offset),
             Some(b"alice".to_vec()),
@@ -139,14 +209,37 @@ async fn a_promotion_under_a_head_that_moved_on_changes_nothing() {
             None,
             &Trust::new([env.topic.clone()]),
         ),
-        released_by,
+        released_by: (released_by.0, released_by.1.to_string()),
     };
+    park_request(&env, "alice", 1, "a2").await;
+    park_request(&env, "alice", 3, "a4").await;
+    let (a2, a4) = (parked_id(&env, 1).await, parked_id(&env, 3).await);
     let head = "SELECT head_offset FROM parked_key";
     // Released under head 0, which another release already moved on to 2.
-    assert!(!park::promote(&pool, &follower(1, (0, 0))).await.unwrap());
+    assert!(!park::promote(&pool, &follower(a2, 1, (0, "t:0:0")))
+        .await
+        .unwrap());
     assert_eq!(env.count(head).await, 2);
-    assert!(park::promote(&pool, &follower(3, (2, 2))).await.unwrap());
+    // Settled by another release already: its queue entry is gone.
+    env.pg
+        .execute("DELETE FROM parked_message WHERE id = $1", &[&a4])
+        .await
+        .unwrap();
+    assert!(!park::promote(&pool, &follower(a4, 3, (2, "t:0:2")))
+        .await
+        .unwrap());
+    assert_eq!(env.count(head).await, 2);
+    park_request(&env, "alice", 3, "a4").await;
+    let a4 = parked_id(&env, 3).await;
+    assert!(park::promote(&pool, &follower(a4, 3, (2, "t:0:2")))
+        .await
+        .unwrap());
     assert_eq!(env.count(head).await, 3);
-    let by = "SELECT promoted_by FROM parked_key";
-    assert_eq!(env.count(by).await, 2);
+    let by = env
+        .pg
+        .query_one("SELECT promoted_by, promoted_head FROM parked_key", &[])
+        .await
+        .unwrap();
+    assert_eq!(by.get::<_, Option<String>>(0).as_deref(), Some("t:0:2"));
+    assert_eq!(by.get::<_, Option<i64>>(1), Some(3));
 }

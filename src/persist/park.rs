@@ -48,24 +48,30 @@ pub enum Gate {
     Head,
 }
 
+/// The consumed record a release runs for, as `parked_key.promoted_by` names it.
+pub fn releaser(env: &Envelope) -> String {
+    format!("{}:{}:{}", env.topic, env.partition, env.offset)
+}
+
 /// A parked request, in the order it arrived.
 pub struct Follower {
     pub id: i64,
     pub envelope: Envelope,
-    /// The key's head when the release took this request up, and the input offset of the
-    /// message running that release: a promotion checks the one and records the other.
-    pub released_by: (i64, i64),
+    /// The key's head when the release took this request up, and the record running that
+    /// release (`releaser`): a promotion checks the one and records the other.
+    pub released_by: (i64, String),
 }
 
 const PARK_SQL: &str = r#"
 WITH k AS (
-    SELECT head_offset, promoted_by FROM parked_key
+    SELECT head_offset, CASE WHEN promoted_head = head_offset THEN promoted_by END AS promoted_by
+    FROM parked_key
     WHERE topic = $1 AND partition = $2 AND key = $3
     FOR SHARE
 ), ins AS (
     INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values, message_timestamp)
     SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM k
-    WHERE k.head_offset <> $4 AND k.promoted_by IS DISTINCT FROM $4
+    WHERE k.head_offset <> $4 AND k.promoted_by IS DISTINCT FROM $9
     ON CONFLICT (topic, partition, source_offset) DO NOTHING
     RETURNING 1
 )
@@ -97,16 +103,17 @@ pub async fn gate(pool: &Pool, env: &Envelope) -> Result<Gate, Failure> {
                 &names,
                 &values,
                 &o.timestamp_ms,
+                &releaser(env),
             ],
         )
         .await?;
-    let promoted_by: Option<i64> = row.get(1);
+    let promoted_by: Option<String> = row.get(1);
     Ok(match row.get::<_, Option<i64>>(0) {
         None => Gate::Free,
         Some(head) if head == o.offset => Gate::Head,
         // Its release promoted the head and stopped before forwarding it: settled again as
         // the head it was, this message resumes that release.
-        Some(_) if promoted_by == Some(o.offset) => Gate::Head,
+        Some(_) if promoted_by == Some(releaser(env)) => Gate::Head,
         Some(_) => Gate::Parked,
     })
 }
@@ -151,7 +158,7 @@ const FOLLOWER_COLUMNS: &str =
 pub async fn next_follower(
     pool: &Pool,
     key: &ParkKey,
-    head: i64,
+    (head, releaser): (i64, &str),
     settled_head: bool,
     trust: &Trust,
 ) -> Result<Next, Failure> {
@@ -161,18 +168,19 @@ pub async fn next_follower(
         [&key.topic, &key.partition, &key.key];
     let owner = tx
         .query_opt(
-            "SELECT head_offset, promoted_by FROM parked_key WHERE topic = $1 AND partition = $2 AND key = $3 FOR UPDATE",
+            "SELECT head_offset, CASE WHEN promoted_head = head_offset THEN promoted_by END
+             FROM parked_key WHERE topic = $1 AND partition = $2 AND key = $3 FOR UPDATE",
             &keyp,
         )
         .await?
-        .map(|r| (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1)));
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, Option<String>>(1)));
     let Some((owner, promoted_by)) = owner else {
         return Ok(Next::Done);
     };
     if owner != head {
         // Another head holds the key: resumed only by the release that promoted it (NULL: a
-        // row from before `promoted_by`, resumed by any release, as then).
-        if promoted_by.is_some_and(|by| by != head) {
+        // promotion by an agent from before `promoted_by`, resumed by any release, as then).
+        if promoted_by.is_some_and(|by| by != releaser) {
             tx.commit().await?;
             return Ok(Next::Done);
         }
@@ -249,7 +257,7 @@ fn follower(key: &ParkKey, row: &tokio_postgres::Row, trust: &Trust) -> Follower
     Follower {
         id: row.get(0),
         envelope,
-        released_by: (0, 0),
+        released_by: (0, String::new()),
     }
 }
 
@@ -272,18 +280,22 @@ pub async fn promote(pool: &Pool, follower: &Follower) -> Result<bool, Failure> 
         return Ok(true);
     };
     let c = pool.get().await.map_err(|e| Failure::from(&e))?;
-    let (head, by) = follower.released_by;
+    let (head, by) = &follower.released_by;
+    // Its queue entry gone, another release settled it already.
     let promoted = c
         .execute(
-            "UPDATE parked_key SET head_offset = $4, promoted_by = $6, parked_at = now()
-             WHERE topic = $1 AND partition = $2 AND key = $3 AND head_offset = $5",
+            "UPDATE parked_key SET head_offset = $4, promoted_by = $6, promoted_head = $4,
+                 parked_at = now()
+             WHERE topic = $1 AND partition = $2 AND key = $3 AND head_offset = $5
+               AND EXISTS (SELECT 1 FROM parked_message WHERE id = $7)",
             &[
                 &k.topic,
                 &k.partition,
                 &k.key,
                 &follower.envelope.origin.offset,
-                &head,
-                &by,
+                head,
+                by,
+                &follower.id,
             ],
         )
         .await?;

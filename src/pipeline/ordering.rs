@@ -118,9 +118,11 @@ impl Pipeline {
         let pool = self.persister.pool();
         let mut head_offset = head.origin.offset;
         let mut head_settled = settled;
+        let releaser = park::releaser(head);
         loop {
             let next = self.db(head, "release", || {
-                park::next_follower(pool, &key, head_offset, head_settled, &self.trust)
+                let at = (head_offset, releaser.as_str());
+                park::next_follower(pool, &key, at, head_settled, &self.trust)
             });
             let (mut follower, resumed) = match next.await {
                 None => return false,
@@ -129,7 +131,7 @@ impl Pipeline {
                 Some(park::Next::Resume(f)) => (f, true),
             };
             // The releaser's work: it acts while the releaser's partition is ours.
-            follower.released_by = (head_offset, head.origin.offset);
+            follower.released_by = (head_offset, releaser.clone());
             follower.envelope.owner = head.owner.clone();
             follower.envelope.hold = head.hold.clone();
             let env = &follower.envelope;

@@ -42,13 +42,26 @@ pub async fn written_before(env: &Env, id: &str, offset: i64) {
         .unwrap();
 }
 
-/// Records that the release run by the message at input offset `by` promoted `key`'s head.
-pub async fn promoted_by(env: &Env, key: &str, by: i64) {
+/// Records that the release run by the consumed record `by` ("topic:partition:offset")
+/// promoted `key`'s current head.
+pub async fn promoted_by(env: &Env, key: &str, by: &str) {
     env.pg
         .execute(
-            "UPDATE parked_key SET promoted_by = $2 WHERE key = $1",
+            "UPDATE parked_key SET promoted_by = $2, promoted_head = head_offset WHERE key = $1",
             &[&key.as_bytes(), &by],
         )
         .await
         .unwrap();
+}
+
+/// The id of the parked request at input offset `offset`.
+pub async fn parked_id(env: &Env, offset: i64) -> i64 {
+    env.pg
+        .query_one(
+            "SELECT id FROM parked_message WHERE source_offset = $1",
+            &[&offset],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
