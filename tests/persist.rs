@@ -30,8 +30,8 @@ fn persister(env: &Env, timeout_ms: u64, pool_size: usize) -> (Persister, Arc<Me
     )
 }
 
-fn req(user: &str, id: &str) -> PersistenceRequest {
-    serde_json::from_value(request(user, Some(id), &[("b1", 0.5)])).unwrap()
+fn req(user: &str, id: &str) -> Arc<PersistenceRequest> {
+    Arc::new(serde_json::from_value(request(user, Some(id), &[("b1", 0.5)])).unwrap())
 }
 
 fn source() -> Source {

@@ -88,13 +88,13 @@ impl Persister {
     /// the last attempt's, classified.
     pub async fn persist(
         &self,
-        req: &PersistenceRequest,
+        req: &Arc<PersistenceRequest>,
         request_id: &str,
         source: &Source,
     ) -> Result<Persisted, Failure> {
         if let Some(batcher) = &self.batcher {
             let member = Member {
-                req: req.clone(),
+                req: Arc::clone(req),
                 request_id: request_id.to_string(),
                 source: source.clone(),
             };

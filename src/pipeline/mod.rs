@@ -227,7 +227,8 @@ impl Pipeline {
         if let Err(e) = req.validate() {
             return (request_id, user_id, Err(Failure::from(&e)));
         }
-        let outcome = self.persist(&req, &request_id, source).await;
+        // Shared with a batch without a copy: the worker still holds it, should the batch fail.
+        let outcome = self.persist(&Arc::new(req), &request_id, source).await;
         (request_id, user_id, outcome)
     }
 

@@ -1,6 +1,7 @@
 //! Waiting out what is down instead of failing the message: the schema registry, a busy pool,
 //! the database (probed at least once a second until it takes writes again).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::Pipeline;
@@ -77,7 +78,7 @@ impl Pipeline {
     /// and while every connection is busy, waits for one.
     pub(super) async fn persist(
         &self,
-        req: &PersistenceRequest,
+        req: &Arc<PersistenceRequest>,
         request_id: &str,
         source: &Source,
     ) -> Result<Persisted, Failure> {

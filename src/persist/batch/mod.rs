@@ -40,9 +40,10 @@ impl BatchConfig {
     };
 }
 
-/// One request of a batch, owned: the batch outlives the worker's borrow.
+/// One request of a batch, owned: the batch outlives the worker's borrow. The request is
+/// shared with its worker, which writes it alone should the batch fail.
 pub(crate) struct Member {
-    pub req: PersistenceRequest,
+    pub req: Arc<PersistenceRequest>,
     pub request_id: String,
     pub source: Source,
 }
