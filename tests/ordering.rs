@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::parked::{park_key, park_request};
+use common::parked::{park_key, park_request, tier_copy};
 use common::{json, request, stop, Env};
 use persistence_agent::message::headers;
 
@@ -46,21 +46,7 @@ async fn a_follower_promoted_before_a_crash_is_resumed_by_the_release() {
     park_request(&env, "bob", 2, "b-3").await;
     let agent = env.start(&["--retry-delays=1s"]).await;
     let tier = env.tier_topic("1s");
-    common::produce(
-        &env.brokers,
-        &tier,
-        Some("bob"),
-        &json(request("bob", Some("b-1"), &[("b1", 0.5)])),
-        &[
-            (headers::ORIGINAL_TOPIC, env.topic.as_str()),
-            (headers::ORIGINAL_PARTITION, "0"),
-            (headers::ORIGINAL_OFFSET, "0"),
-            (headers::ATTEMPT, "1"),
-            (headers::FIRST_FAILURE, "2026-01-01T00:00:00.000Z"),
-            (headers::DUE, "2026-01-01T00:00:01.000Z"),
-        ],
-    )
-    .await;
+    tier_copy(&env, &tier, "bob", "b-1").await;
     env.wait_count("SELECT count(*) FROM processed_request", 3, 30)
         .await;
     stop(agent).await;

@@ -4,9 +4,8 @@
 
 mod common;
 
-use common::parked::{park_key, park_request, parked_id, promoted_by, written_before};
+use common::parked::{park_key, park_request, parked_id, promoted_by, tier_copy, written_before};
 use common::{json, request, stop, Env};
-use persistence_agent::message::headers;
 
 /// A head redelivered after a crash was written, and the agent was killed again before its
 /// release: its next delivery finds the request in the ledger, and must still release the key
@@ -43,19 +42,9 @@ async fn a_head_written_before_a_crash_releases_its_key_on_redelivery_unbatched(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_written_before_a_crash_resumes_the_follower_it_promoted() {
     let env = Env::new(1).await;
-    env.books(&["b1"]).await;
-    park_key(&env, "alice", 1, "0").await;
-    promoted_by(&env, "alice", &format!("{}:0:0", env.topic)).await;
-    park_request(&env, "alice", 1, "a2").await;
-    written_before(&env, "a1", 0).await;
-    // a2 was committed when it was parked: another user's request takes its offset here.
-    run_over(
-        &env,
-        &[("alice", "a1"), ("zed", "z1"), ("alice", "a3")],
-        &[],
-    )
-    .await;
-    assert_eq!(env.request_ids(Some("alice")).await, ["a1", "a2", "a3"]);
+    let promoter = format!("{}:0:0", env.topic);
+    let order = after_a_cut_promotion(&env, &promoter, Promoted::Now, true).await;
+    assert_eq!(order, ["a1", "a2", "a3"]);
     assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
 }
@@ -67,17 +56,9 @@ async fn a_head_written_before_a_crash_resumes_the_follower_it_promoted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_not_written_resumes_the_follower_its_release_promoted() {
     let env = Env::new(1).await;
-    env.books(&["b1"]).await;
-    park_key(&env, "alice", 1, "0").await;
-    promoted_by(&env, "alice", &format!("{}:0:0", env.topic)).await;
-    park_request(&env, "alice", 1, "a2").await;
-    run_over(
-        &env,
-        &[("alice", "a1"), ("zed", "z1"), ("alice", "a3")],
-        &[],
-    )
-    .await;
-    assert_eq!(env.request_ids(Some("alice")).await, ["a1", "a2", "a3"]);
+    let promoter = format!("{}:0:0", env.topic);
+    let order = after_a_cut_promotion(&env, &promoter, Promoted::Now, false).await;
+    assert_eq!(order, ["a1", "a2", "a3"]);
     assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM parked_message").await, 0);
 }
@@ -88,25 +69,12 @@ async fn a_head_not_written_resumes_the_follower_its_release_promoted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_leaves_a_follower_another_release_promoted_alone() {
     let env = Env::new(1).await;
-    env.books(&["b1"]).await;
-    park_key(&env, "alice", 1, "0").await;
-    promoted_by(&env, "alice", &format!("{}:0:0", env.tier_topic("1h"))).await;
-    park_request(&env, "alice", 1, "a2").await;
-    written_before(&env, "a1", 0).await;
-    run_over(
-        &env,
-        &[("alice", "a1"), ("zed", "z1"), ("alice", "a3")],
-        &[],
-    )
-    .await;
-    env.wait_committed(1, 3, 30).await;
-    assert_eq!(env.request_ids(Some("alice")).await, ["a1"]);
+    let promoter = format!("{}:0:0", env.tier_topic("1h"));
+    let order = after_a_cut_promotion(&env, &promoter, Promoted::Now, true).await;
+    assert_eq!(order, ["a1"]);
     assert_eq!(env.count("SELECT head_offset FROM parked_key").await, 1);
-    assert_eq!(
-        env.count("SELECT count(*) FROM parked_message").await,
-        2,
-        "a2 and a3 wait"
-    );
+    let waiting = env.count("SELECT count(*) FROM parked_message").await;
+    assert_eq!(waiting, 2, "a2 and a3 wait");
 }
 
 /// A head promoted by an agent from before `promoted_by` (it moved `head_offset` alone, so the
@@ -114,21 +82,44 @@ async fn a_duplicate_leaves_a_follower_another_release_promoted_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promotion_by_an_older_agent_is_resumed_by_any_release() {
     let env = Env::new(1).await;
-    env.books(&["b1"]).await;
-    park_key(&env, "alice", 1, "0").await;
-    promoted_by(&env, "alice", &format!("{}:0:0", env.tier_topic("1h"))).await;
-    let stale = "UPDATE parked_key SET promoted_head = 0";
-    env.pg.execute(stale, &[]).await.unwrap();
-    park_request(&env, "alice", 1, "a2").await;
-    written_before(&env, "a1", 0).await;
-    run_over(
-        &env,
-        &[("alice", "a1"), ("zed", "z1"), ("alice", "a3")],
-        &[],
-    )
-    .await;
-    assert_eq!(env.request_ids(Some("alice")).await, ["a1", "a2", "a3"]);
+    let promoter = format!("{}:0:0", env.tier_topic("1h"));
+    let order = after_a_cut_promotion(&env, &promoter, Promoted::ByAnOlderAgent, true).await;
+    assert_eq!(order, ["a1", "a2", "a3"]);
     assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
+}
+
+/// Whether the recorded promoter belongs to the key's current head.
+#[derive(PartialEq)]
+enum Promoted {
+    Now,
+    /// Recorded for an earlier head: an agent from before `promoted_by` moved the head since.
+    ByAnOlderAgent,
+}
+
+/// Leaves alice's key as a cut release would have: head a2 (input offset 1, still queued),
+/// promoted by `promoter`'s release, and a1 (offset 0) in the ledger when `a1_written`. Then
+/// runs the agent over a1, z1 (a2 was committed when it was parked: another user's request
+/// takes its offset) and a3, and returns alice's requests in the order written.
+async fn after_a_cut_promotion(
+    env: &Env,
+    promoter: &str,
+    promoted: Promoted,
+    a1_written: bool,
+) -> Vec<String> {
+    env.books(&["b1"]).await;
+    park_key(env, "alice", 1, "0").await;
+    promoted_by(env, "alice", promoter).await;
+    if promoted == Promoted::ByAnOlderAgent {
+        let stale = "UPDATE parked_key SET promoted_head = 0";
+        env.pg.execute(stale, &[]).await.unwrap();
+    }
+    park_request(env, "alice", 1, "a2").await;
+    if a1_written {
+        written_before(env, "a1", 0).await;
+    }
+    let msgs = [("alice", "a1"), ("zed", "z1"), ("alice", "a3")];
+    run_over(env, &msgs, &[]).await;
+    env.request_ids(Some("alice")).await
 }
 
 /// A promotion names the record whose release made it: a tier copy, not the input message it
@@ -149,21 +140,7 @@ async fn a_promotion_names_the_tier_copy_that_released_the_key() {
         .unwrap();
     let agent = env.start(&["--retry-delays=1s,1h"]).await;
     let tier = env.tier_topic("1s");
-    common::produce(
-        &env.brokers,
-        &tier,
-        Some("alice"),
-        &json(request("alice", Some("a1"), &[("b1", 0.5)])),
-        &[
-            (headers::ORIGINAL_TOPIC, env.topic.as_str()),
-            (headers::ORIGINAL_PARTITION, "0"),
-            (headers::ORIGINAL_OFFSET, "0"),
-            (headers::ATTEMPT, "1"),
-            (headers::FIRST_FAILURE, "2026-01-01T00:00:00.000Z"),
-            (headers::DUE, "2026-01-01T00:00:01.000Z"),
-        ],
-    )
-    .await;
+    tier_copy(&env, &tier, "alice", "a1").await;
     env.records(&env.tier_topic("1h"), 1, 30);
     env.wait_count("SELECT count(*) FROM parked_message", 0, 30)
         .await;

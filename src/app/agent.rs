@@ -318,6 +318,10 @@ fn consumer(
         // librdkafka's prefetch queue, per consumer (its default is 64 MiB): with the agent's
         // own in-flight bound it caps the memory a backlog can take.
         ("queued.max.messages.kbytes", DEFAULT_QUEUED_MAX_KBYTES),
+        // A subscribed topic created after the consumer started (a retry tier an operator
+        // creates late) is assigned at the next metadata refresh: librdkafka's 5 min would
+        // leave its copies unread that long.
+        ("topic.metadata.refresh.interval.ms", "30000"),
     ];
     let mut cfg = args.kafka.client_config(ClientRole::Consumer, &defaults)?;
     // Not overridable: offsets are stored only once a message's outcome is durable.

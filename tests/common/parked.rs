@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+use persistence_agent::message::headers;
+
 use super::{json, request, Env};
 
 /// Writes `parked_key` as an earlier run would have left it: `key` of partition 0 held by the
@@ -64,4 +66,24 @@ pub async fn parked_id(env: &Env, offset: i64) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// Publishes to `tier` the first tier copy of `user`'s request `id` (one book, b1), whose input
+/// offset was 0 of partition 0, as the agent would have forwarded it; due at once.
+pub async fn tier_copy(env: &Env, tier: &str, user: &str, id: &str) {
+    super::produce(
+        &env.brokers,
+        tier,
+        Some(user),
+        &json(request(user, Some(id), &[("b1", 0.5)])),
+        &[
+            (headers::ORIGINAL_TOPIC, env.topic.as_str()),
+            (headers::ORIGINAL_PARTITION, "0"),
+            (headers::ORIGINAL_OFFSET, "0"),
+            (headers::ATTEMPT, "1"),
+            (headers::FIRST_FAILURE, "2026-01-01T00:00:00.000Z"),
+            (headers::DUE, "2026-01-01T00:00:01.000Z"),
+        ],
+    )
+    .await;
 }
