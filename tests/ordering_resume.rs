@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::parked::{park_key, park_request, parked_id, promoted_by, tier_copy, written_before};
+use common::parked::{
+    park_key, park_request, park_value, parked_id, promoted_by, tier_copy, written_before,
+};
 use common::{json, request, stop, Env};
 
 /// A head redelivered after a crash was written, and the agent was killed again before its
@@ -88,6 +90,38 @@ async fn a_promotion_by_an_older_agent_is_resumed_by_any_release() {
     assert_eq!(env.count("SELECT count(*) FROM parked_key").await, 0);
 }
 
+/// The reaper releases a key whose head is in no tier, in the head's name but not as its input
+/// record: a promotion it makes names no record a consumer could read, so the head's input,
+/// should it come again, is not taken for the releaser of the request the reaper promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promotion_by_the_reaper_names_no_consumed_record() {
+    let env = Env::new(1).await;
+    park_key(&env, "carol", 4, "1 hour").await;
+    let late = json(request("carol", Some("c2"), &[("b-late", 0.5)]));
+    park_value(&env, "carol", 5, &late).await;
+    let agent = env
+        .start(&[
+            "--parked-key-ttl=30m",
+            "--reaper-interval=1s",
+            "--retry-delays=1h",
+        ])
+        .await;
+    env.records(&env.tier_topic("1h"), 1, 30);
+    env.wait_count("SELECT count(*) FROM parked_message", 0, 30)
+        .await;
+    stop(agent).await;
+    let row = env
+        .pg
+        .query_one("SELECT head_offset, promoted_by FROM parked_key", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 5, "c2 heads the key");
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("(reaper):0:4")
+    );
+}
+
 /// Whether the recorded promoter belongs to the key's current head.
 #[derive(PartialEq)]
 enum Promoted {
@@ -130,14 +164,7 @@ async fn a_promotion_names_the_tier_copy_that_released_the_key() {
     env.books(&["b1"]).await;
     park_key(&env, "alice", 0, "0").await;
     let late = json(request("alice", Some("a2"), &[("b-late", 0.5)]));
-    env.pg
-        .execute(
-            "INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values)
-             VALUES ($1, 0, 'alice', 1, $2, '{}', '{}')",
-            &[&env.topic, &late],
-        )
-        .await
-        .unwrap();
+    park_value(&env, "alice", 1, &late).await;
     let agent = env.start(&["--retry-delays=1s,1h"]).await;
     let tier = env.tier_topic("1s");
     tier_copy(&env, &tier, "alice", "a1").await;

@@ -160,6 +160,15 @@ impl Pipeline {
                     return false;
                 }
             }
+            // A promoted follower that ended outside the tiers (its tier refused it) holds the
+            // key now: the release goes on in its name, and its queue entry goes with the next
+            // step (`next_follower` drops a settled head's own entry in the transaction that
+            // hands the key on), so a cut in between leaves it for the releaser to resume.
+            if (resumed || headed) && !to_tier {
+                head_offset = env.origin.offset;
+                head_settled = true;
+                continue;
+            }
             if self
                 .db(head, "unpark", || park::finished(pool, &follower))
                 .await
@@ -169,12 +178,6 @@ impl Pipeline {
             }
             if to_tier {
                 return true;
-            }
-            // A promoted follower that ended outside the tiers (its tier refused it) holds the
-            // key now: the release goes on in its name.
-            if resumed || headed {
-                head_offset = env.origin.offset;
-                head_settled = true;
             }
         }
     }

@@ -52,7 +52,7 @@ impl Pipeline {
             let (topic, partition, key, head): (String, i32, Vec<u8>, i64) =
                 (r.get(0), r.get(1), r.get(2), r.get(3));
             tracing::warn!(%topic, partition, head_offset = head, "parked key outlived PARKED_KEY_TTL: its head is in no tier; releasing the requests behind it");
-            let env = Envelope::new(
+            let mut env = Envelope::new(
                 (topic, partition, head),
                 Some(key),
                 vec![],
@@ -60,6 +60,10 @@ impl Pipeline {
                 None,
                 &self.trust,
             );
+            // Its promotions must not name the head's own input record (`park::releaser`),
+            // whose redelivery would then take itself for their releaser: no topic has
+            // parentheses in its name.
+            env.topic = "(reaper)".into();
             if !self.release(&env, false).await {
                 break;
             }

@@ -21,7 +21,17 @@ pub async fn park_key(env: &Env, key: &str, head: i64, age: &str) {
 
 /// A request `id` of user `key` (also its message key), parked at input offset `offset`.
 pub async fn park_request(env: &Env, key: &str, offset: i64, id: &str) {
-    let value = json(request(key, Some(id), &[("b1", 0.5)]));
+    park_value(
+        env,
+        key,
+        offset,
+        &json(request(key, Some(id), &[("b1", 0.5)])),
+    )
+    .await;
+}
+
+/// A message `value` with key `key`, parked at input offset `offset`.
+pub async fn park_value(env: &Env, key: &str, offset: i64, value: &[u8]) {
     env.pg
         .execute(
             "INSERT INTO parked_message (topic, partition, key, source_offset, value, header_names, header_values)
