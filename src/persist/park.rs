@@ -57,9 +57,6 @@ pub fn releaser(env: &Envelope) -> String {
 pub struct Follower {
     pub id: i64,
     pub envelope: Envelope,
-    /// The key's head when the release took this request up, and the record running that
-    /// release (`releaser`): a promotion checks the one and records the other.
-    pub released_by: (i64, String),
 }
 
 const PARK_SQL: &str = r#"
@@ -91,6 +88,7 @@ pub async fn gate(pool: &Pool, env: &Envelope) -> Result<Gate, Failure> {
         .map(|(n, v)| (n.as_str(), v.as_deref()))
         .unzip();
     let o = &env.origin;
+    let me = releaser(env);
     let row = c
         .query_one(
             &stmt,
@@ -103,7 +101,7 @@ pub async fn gate(pool: &Pool, env: &Envelope) -> Result<Gate, Failure> {
                 &names,
                 &values,
                 &o.timestamp_ms,
-                &releaser(env),
+                &me,
             ],
         )
         .await?;
@@ -113,7 +111,7 @@ pub async fn gate(pool: &Pool, env: &Envelope) -> Result<Gate, Failure> {
         Some(head) if head == o.offset => Gate::Head,
         // Its release promoted the head and stopped before forwarding it: settled again as
         // the head it was, this message resumes that release.
-        Some(_) if promoted_by == Some(releaser(env)) => Gate::Head,
+        Some(_) if promoted_by == Some(me) => Gate::Head,
         Some(_) => Gate::Parked,
     })
 }
@@ -257,7 +255,6 @@ fn follower(key: &ParkKey, row: &tokio_postgres::Row, trust: &Trust) -> Follower
     Follower {
         id: row.get(0),
         envelope,
-        released_by: (0, String::new()),
     }
 }
 
@@ -274,13 +271,18 @@ pub async fn finished(pool: &Pool, follower: &Follower) -> Result<(), Failure> {
 /// (`finished`) only once the forward was acknowledged. False when the key's head is no longer
 /// the one this release took the follower up under: another release (a tier copy and its
 /// redelivered input, say) settled or promoted it first, and this one must stop, or it would
-/// hand the key back to a request already behind it.
-pub async fn promote(pool: &Pool, follower: &Follower) -> Result<bool, Failure> {
+/// hand the key back to a request already behind it. `released_by`: the key's head when the
+/// release took the follower up, and the record running that release (`releaser`): the one
+/// is checked, the other recorded.
+pub async fn promote(
+    pool: &Pool,
+    follower: &Follower,
+    (head, by): (i64, &str),
+) -> Result<bool, Failure> {
     let Some(k) = ParkKey::of(&follower.envelope) else {
         return Ok(true);
     };
     let c = pool.get().await.map_err(|e| Failure::from(&e))?;
-    let (head, by) = &follower.released_by;
     // Its queue entry gone, another release settled it already.
     let promoted = c
         .execute(
@@ -293,8 +295,8 @@ pub async fn promote(pool: &Pool, follower: &Follower) -> Result<bool, Failure> 
                 &k.partition,
                 &k.key,
                 &follower.envelope.origin.offset,
-                head,
-                by,
+                &head,
+                &by,
                 &follower.id,
             ],
         )

@@ -30,8 +30,9 @@ pub(super) enum Order<'a> {
     /// A fresh keyed request: not written while its key is parked, and parked as its key's head
     /// before it goes to a tier.
     Fresh(Vec<u8>),
-    /// A parked request being released: made head before it goes to a tier.
-    Follower(&'a park::Follower),
+    /// A parked request being released: made head before it goes to a tier, provided the key
+    /// is still held as the release found it (its head, and the record running the release).
+    Follower(&'a park::Follower, (i64, &'a str)),
 }
 
 impl Pipeline {
@@ -99,7 +100,10 @@ impl Pipeline {
                     Some(KeyHold::Headed)
                 }
             },
-            Order::Follower(f) => match self.db(env, "promote", || park::promote(pool, f)).await? {
+            Order::Follower(f, by) => match self
+                .db(env, "promote", || park::promote(pool, f, *by))
+                .await?
+            {
                 true => Some(KeyHold::Headed),
                 false => Some(KeyHold::Superseded),
             },
@@ -131,14 +135,13 @@ impl Pipeline {
                 Some(park::Next::Resume(f)) => (f, true),
             };
             // The releaser's work: it acts while the releaser's partition is ours.
-            follower.released_by = (head_offset, releaser.clone());
             follower.envelope.owner = head.owner.clone();
             follower.envelope.hold = head.hold.clone();
             let env = &follower.envelope;
             // A resumed follower already heads the key.
             let order = match resumed {
                 true => Order::Unordered,
-                false => Order::Follower(&follower),
+                false => Order::Follower(&follower, (head_offset, releaser.as_str())),
             };
             let (result, to_tier, headed) = match Box::pin(self.settle(env, &order)).await {
                 Settled::Abandoned | Settled::Blocked | Settled::Parked => return false,
