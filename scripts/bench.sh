@@ -12,10 +12,11 @@
 # 1,000 and peak RSS.
 #   scripts/bench.sh [N]   N=100000 USERS=10000 FORMAT=mixed CEILING_SECONDS=20 (0 skips them)
 #                          RUNS="unbatched batched scale latency" (also: alt, with ALT_AGENT=<binary>)
-#                          PROFILE=<perf.data> (the
-#                          batched run), AGENT=<binary> (else a release build); DATABASE_URL /
-#                          KAFKA_BROKERS as scripts/test.sh. Agent settings (BATCH_MAX, WORKERS,
-#                          ...) pass through the environment.
+#                          PROFILE=<perf.data> (perf samples the batched run; PERF_CALLGRAPH=
+#                          "--call-graph dwarf" for stacks through code without frame pointers),
+#                          AGENT=<binary> (else a release build); DATABASE_URL / KAFKA_BROKERS as
+#                          scripts/test.sh. Agent settings (BATCH_MAX, WORKERS, ...) pass through
+#                          the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -83,7 +84,7 @@ measure() {
   local first t0 perf_pid=
   first=$(date +%s.%N) t0=$(ticks)
   if [ -n "${PROFILE:-}" ] && [ "$label" = batched ]; then
-    perf record -q -F 499 -g -p "${run_pids[0]}" -o "$PROFILE" 2>/dev/null & perf_pid=$!
+    perf record -q -F 499 ${PERF_CALLGRAPH:--g} -p "${run_pids[0]}" -o "$PROFILE" 2>/dev/null & perf_pid=$!
   fi
   while [ "$(sum_metric persistence_agent_outcomes_total)" -lt "$n" ]; do alive; sleep 0.2; done
   local end t1 hwm=0 p

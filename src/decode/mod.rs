@@ -11,10 +11,12 @@ use crate::message::model::PersistenceRequest;
 
 pub mod bounds;
 pub mod error;
+mod prepared;
 pub mod schemas;
 pub mod wire;
 
 pub use error::DecodeError;
+use prepared::{ById, Prepared};
 use schemas::SchemaRegistry;
 pub use wire::{confluent, fingerprint, single_object, CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC};
 
@@ -37,7 +39,8 @@ impl Encoding {
 
 pub struct Decoder {
     reader: Schema,
-    by_fingerprint: HashMap<u64, Arc<Schema>>,
+    by_fingerprint: HashMap<u64, Prepared>,
+    by_id: ById,
     registry: SchemaRegistry,
 }
 
@@ -46,13 +49,16 @@ impl Decoder {
     /// decoder in a process sets it): no single length in a message can exceed the message.
     pub fn new(registry: SchemaRegistry, max_message_bytes: usize) -> anyhow::Result<Self> {
         apache_avro::util::max_allocation_bytes(max_message_bytes.max(1));
-        let by_fingerprint = schemas::request_schemas()?
-            .into_iter()
-            .map(|s| (fingerprint(&s), Arc::new(s)))
-            .collect();
+        let reader = schemas::request_reader_schema()?;
+        let mut by_fingerprint = HashMap::new();
+        for s in schemas::request_schemas()? {
+            let fp = fingerprint(&s);
+            by_fingerprint.insert(fp, Prepared::new(Arc::new(s), &reader)?);
+        }
         Ok(Self {
-            reader: schemas::request_reader_schema()?,
+            reader,
             by_fingerprint,
+            by_id: ById::default(),
             registry,
         })
     }
@@ -69,6 +75,7 @@ impl Decoder {
                     .ok_or(DecodeError::TruncatedHeader)?;
                 let schema_id = u32::from_be_bytes(*id);
                 let writer = self.registry.schema(schema_id).await?;
+                let writer = self.by_id.get_or_prepare(schema_id, writer, &self.reader)?;
                 let req = self.read_avro(&writer, body)?;
                 Ok((req, Encoding::AvroConfluent { schema_id }))
             }
@@ -91,27 +98,16 @@ impl Decoder {
         }
     }
 
-    fn read_avro(
-        &self,
-        writer: &Schema,
-        mut body: &[u8],
-    ) -> Result<PersistenceRequest, DecodeError> {
+    fn read_avro(&self, writer: &Prepared, body: &[u8]) -> Result<PersistenceRequest, DecodeError> {
         // apache-avro reserves what a message declares before reading it: check first.
-        let used = bounds::check(writer, body)?;
+        let used = bounds::check(&writer.schema, body)?;
         if used != body.len() {
             return Err(DecodeError::Avro(format!(
                 "{} trailing bytes",
                 body.len() - used
             )));
         }
-        let value = apache_avro::from_avro_datum(writer, &mut body, None)
-            .map_err(|e| DecodeError::Avro(e.to_string()))?;
-        if !body.is_empty() {
-            return Err(DecodeError::Avro(format!("{} trailing bytes", body.len())));
-        }
-        let value = value
-            .resolve(&self.reader)
-            .map_err(|e| DecodeError::Resolution(e.to_string()))?;
+        let value = writer.read(body, &self.reader)?;
         let mut json =
             serde_json::Value::try_from(value).map_err(|e| DecodeError::Contract(e.to_string()))?;
         unwrap_json_strings(&mut json)?;

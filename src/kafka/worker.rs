@@ -3,9 +3,11 @@
 //! poll thread, after its result event is acknowledged.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use rdkafka::message::{Message, OwnedMessage};
 
 use super::rebalance::{Completion, Shared};
@@ -103,8 +105,9 @@ pub async fn worker<H: Handle>(
     }
 }
 
-/// Runs one message in its own task, so a panic stops the agent (nothing committed past the
-/// message) instead of silently killing this worker and every message hashed to it.
+/// Runs one message catching a panic, so a panic stops the agent (nothing committed past the
+/// message) instead of silently killing this worker and every message hashed to it. Polled in
+/// the worker's own task: a task per message cost a large allocation and a wake-up each.
 async fn run_isolated<H: Handle>(
     handler: &Arc<H>,
     life: &Lifecycle,
@@ -112,13 +115,59 @@ async fn run_isolated<H: Handle>(
     owner: Arc<Ownership>,
     hold: Hold,
 ) -> Handled {
-    let h = handler.clone();
-    match tokio::spawn(async move { h.handle(&msg, owner, hold).await }).await {
+    let handled = AssertUnwindSafe(handler.handle(&msg, owner, hold))
+        .catch_unwind()
+        .await;
+    match handled {
         Ok(handled) => handled,
         Err(e) => {
-            let f = Failure::internal("panic", format!("message handling panicked: {e}"));
+            let what = e
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| e.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let f = Failure::internal("panic", format!("message handling panicked: {what}"));
             life.fail(&f);
             Handled::Abandoned
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::metrics::Metrics;
+
+    struct Panics;
+
+    impl Handle for Panics {
+        async fn handle(&self, _: &OwnedMessage, _: Arc<Ownership>, _: Hold) -> Handled {
+            panic!("boom")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_message_stops_the_agent_and_is_not_committed() {
+        let life = Lifecycle::new(Arc::new(Metrics::new()));
+        let msg = OwnedMessage::new(
+            Some(b"{}".to_vec()),
+            None,
+            "t".into(),
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            7,
+            None,
+        );
+        let handled = run_isolated(
+            &Arc::new(Panics),
+            &life,
+            msg,
+            Ownership::detached(),
+            Hold::default(),
+        )
+        .await;
+        assert!(matches!(handled, Handled::Abandoned));
+        assert!(life.failed());
+        assert!(life.fatal().unwrap().contains("boom"), "{:?}", life.fatal());
     }
 }

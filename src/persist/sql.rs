@@ -151,7 +151,7 @@ pub(super) async fn statements(
         }
         None => confirmation(req, request_id, &NewRows::from_row(row), started),
     };
-    let json = serde_json::to_value(&result).expect("results serialize");
+    let json = tokio_postgres::types::Json(&result);
     let confirm_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&request_id, &json];
     let (confirmed, committed) = tokio::join!(
         client.execute(&confirm, &confirm_params),

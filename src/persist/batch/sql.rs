@@ -6,13 +6,13 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{Json as PgJson, ToSql};
 
 use super::super::sql::{begin_sql, confirmation, from_ledger, NewRows};
 use super::super::{Persisted, Written};
 use super::Member;
 use crate::classify::Failure;
-use crate::message::model::round2;
+use crate::message::model::{round2, PersistenceResult};
 
 pub const BATCH_SQL: &str = r#"
 WITH input AS (
@@ -126,7 +126,6 @@ pub(super) async fn statements(
         ));
     }
     let mut out = Vec::with_capacity(members.len());
-    let (mut ids, mut confirmations) = (Vec::new(), Vec::new());
     for (i, (row, m)) in rows.iter().zip(members).enumerate() {
         // Rows come back in input order (ORDER BY the ordinality): check, not assume.
         if row.get::<_, i32>(0) as usize != i + 1 {
@@ -134,13 +133,15 @@ pub(super) async fn statements(
                 "batch statement returned rows out of order",
             ));
         }
-        let persisted = outcome(row, m, started)?;
-        if persisted.written == Written::New {
-            ids.push(m.request_id.as_str());
-            confirmations.push(serde_json::to_value(&persisted.result).expect("results serialize"));
-        }
-        out.push(persisted);
+        out.push(outcome(row, m, started)?);
     }
+    // Serialized straight into the statement's parameters, with no JSON tree built between.
+    let (ids, confirmations): (Vec<&str>, Vec<PgJson<&PersistenceResult>>) = out
+        .iter()
+        .zip(members)
+        .filter(|(p, _)| p.written == Written::New)
+        .map(|(p, m)| (m.request_id.as_str(), PgJson(&p.result)))
+        .unzip();
     if ids.is_empty() {
         client.batch_execute("COMMIT").await?;
         return Ok(out);
