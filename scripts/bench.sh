@@ -14,6 +14,7 @@
 #                          RUNS="unbatched batched scale latency" (also: alt, with ALT_AGENT=<binary>)
 #                          PROFILE=<perf.data> (perf samples the batched run; PERF_CALLGRAPH=
 #                          "--call-graph dwarf" for stacks through code without frame pointers),
+#                          METRICS_DUMP=<prefix> (the first agent's /metrics after each run),
 #                          AGENT=<binary> (else a release build); DATABASE_URL / KAFKA_BROKERS as
 #                          scripts/test.sh. Agent settings (BATCH_MAX, WORKERS, ...) pass through
 #                          the environment.
@@ -25,8 +26,8 @@ users=${USERS:-10000}
 format=${FORMAT:-mixed}
 runs=${RUNS:-unbatched batched scale latency}
 pool=${DATABASE_POOL_SIZE:-16}
-batch_max=${BATCH_MAX:-64}
-batch_conc=${BATCH_CONCURRENCY:-2}
+batch_max=${BATCH_MAX:-128}
+batch_conc=${BATCH_CONCURRENCY:-1}
 ensure_postgres
 ensure_kafka
 agent=${AGENT:-target/release/persistence-agent}
@@ -90,6 +91,7 @@ measure() {
   local end t1 hwm=0 p
   end=$(date +%s.%N) t1=$(ticks)
   [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
+  [ -z "${METRICS_DUMP:-}" ] || curl -sf "http://${addrs[0]}/metrics" > "$METRICS_DUMP.$label" || true
   for p in "${run_pids[@]}"; do h=$(awk '/VmHWM/ {print $2}' "/proc/$p/status"); [ "$h" -gt "$hwm" ] && hwm=$h; done
   local conflicts
   conflicts=$(( $(sum_metric 'persistence_agent_transaction_attempts_total{result="serialization_failure"') \
@@ -130,7 +132,7 @@ for r in $runs; do
       topic=bench.latency.$id count=$((half * 20))
       $agent topics --partitions 6 "$topic" "bench.latency-results.$id" >/dev/null
       start_agents 1 "$topic" KAFKA_RESULTS_TOPIC=bench.latency-results.$id
-      $agent produce --kafka-config batch.num.messages=1 --topic "$topic" --sample \
+      $agent produce --kafka-config linger.ms=${LATENCY_LINGER_MS:-1} --topic "$topic" --sample \
         --count "$count" --users "$users" --format json --rate "$half" >/dev/null
       line=$(python3 scripts/latency.py "$KAFKA_BROKERS" "$topic" "bench.latency-results.$id" "$count")
       stop_agents

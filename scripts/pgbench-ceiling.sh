@@ -81,16 +81,19 @@ batch_script() {
   [ -n "$sql" ] || { echo "BATCH_SQL not found in src/persist/batch/sql.rs" >&2; exit 1; }
   local b=$batch k=$((3 * batch))
   local reqs="generate_series(1, $b) g" books="generate_series(0, $k - 1) g"
+  # Distinct users and request ids scattered over their indexes, as the agent's batches are
+  # (consecutive keys share index pages, and so conflict less than real batches do).
+  local user="((:u + g * 7919) % $users + 1)"
   fill() { echo "array_fill($1, ARRAY[$2])"; }
   declare -A p=(
-    [1]="ARRAY(SELECT (:rid::int8 + g)::text FROM $reqs)" [2]="ARRAY(SELECT 'user-' || (:u + g) FROM $reqs)"
+    [1]="ARRAY(SELECT md5((:rid::int8 + g)::text) FROM $reqs)" [2]="ARRAY(SELECT 'user-' || $user FROM $reqs)"
     [3]="$(fill "'bench'::text" "$b")" [4]="$(fill ":part::int4" "$b")"
     [5]="ARRAY(SELECT (:rid::int8 + g)::int8 FROM $reqs)" [6]="$(fill "'curious'::text" "$b")"
     [7]="$(fill "'avanzado'::text" "$b")" [8]="$(fill "'[\"history\"]'::jsonb" "$b")"
     [9]="$(fill "'aprendizaje'::text" "$b")" [10]="$(fill "NULL::jsonb" "$b")"
     [11]="$(fill "0.5::float8" "$b")" [12]="$(fill "1200::int8" "$b")"
     [13]="$(fill "'[\"context\",\"search\",\"scoring\",\"justifier\"]'::jsonb" "$b")"
-    [14]="$(fill "'[]'::jsonb" "$b")" [15]="ARRAY(SELECT convert_to('user-' || (:u + g), 'UTF8') FROM $reqs)"
+    [14]="$(fill "'[]'::jsonb" "$b")" [15]="ARRAY(SELECT convert_to('user-' || $user, 'UTF8') FROM $reqs)"
     [16]="$(fill "'bench'::text" "$b")" [17]="$(fill ":part::int4" "$b")" [18]="$(fill "1::int8" "$b")"
     [19]="ARRAY(SELECT (g / 3 + 1)::int4 FROM $books)"
     [20]="ARRAY(SELECT format('book-%s', lpad(((g % 3) * 20 + 1 + (g * 7 + :bk) % 20)::text, 3, '0')) FROM $books)"
@@ -106,7 +109,7 @@ batch_script() {
     echo "\\set rid random(1, 1000000000000000)"
     echo "\\set part random(0, 5)"
     echo "\\set bk random(0, 19)"
-    pipeline "$body" "UPDATE processed_request SET confirmation = '{\"persistenceStatus\":\"SUCCESS\"}'::jsonb WHERE request_id = ANY (ARRAY(SELECT (:rid::int8 + g)::text FROM $reqs));"
+    pipeline "$body" "UPDATE processed_request SET confirmation = '{\"persistenceStatus\":\"SUCCESS\"}'::jsonb WHERE request_id = ANY (ARRAY(SELECT md5((:rid::int8 + g)::text) FROM $reqs));"
   } >"$work/batch.sql"
   files+=(-f "$work/batch.sql")
 }

@@ -20,10 +20,14 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 pub const DEFAULT_STATEMENT_TIMEOUT: &str = "5s";
 pub const DEFAULT_TXN_BACKOFF: &str = "100ms,500ms,2000ms";
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
-pub const DEFAULT_WORKERS: usize = 192;
-pub const DEFAULT_BATCH_MAX: usize = 64;
+/// Three times `DEFAULT_BATCH_MAX`: workers wait for their batch, so they are what fills it.
+pub const DEFAULT_WORKERS: usize = 384;
+pub const DEFAULT_BATCH_MAX: usize = 128;
 pub const DEFAULT_BATCH_LINGER: &str = "2ms";
-pub const DEFAULT_BATCH_CONCURRENCY: usize = 2;
+/// One batch at a time: two concurrent batches of scattered users conflict on index pages
+/// (a batch in eight failed and was retried), and one larger batch writes as fast without any
+/// (BENCHMARKS.md).
+pub const DEFAULT_BATCH_CONCURRENCY: usize = 1;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 /// Short next to `max.poll.interval.ms` (300 s) and a rebalance, long next to a transaction.
