@@ -7,7 +7,8 @@
 #     6-partition topic; release builds of the agent persist them, each run with its own
 #     consumer group and database schema: unbatched (BATCH_MAX=1), batched (defaults), and
 #     the batched agent scaled out to 2 and 4 members of one group;
-#  3. latency: JSON requests produced at half the batched rate, produce-to-result percentiles.
+#  3. latency: JSON requests produced at half the batched rate, produce-to-result percentiles,
+#     and the broker's own one-hop latency at the same rate (scripts/broker-latency.py).
 # Each run prints requests/s, its ratio to the ceilings, CPU per request, conflict retries per
 # 1,000 and peak RSS.
 #   scripts/bench.sh [N]   N=100000 USERS=10000 FORMAT=mixed CEILING_SECONDS=20 (0 skips them)
@@ -136,6 +137,8 @@ for r in $runs; do
         --count "$count" --users "$users" --format json --rate "$half" >/dev/null
       line=$(python3 scripts/latency.py "$KAFKA_BROKERS" "$topic" "bench.latency-results.$id" "$count")
       stop_agents
-      echo "latency         $line at $half requests/s" ;;
+      echo "latency         $line at $half requests/s"
+      # The broker's own share: one hop at the same rate (the agent's path has two).
+      echo "latency         $(python3 scripts/broker-latency.py "$KAFKA_BROKERS" "$half" 20) at $half records/s" ;;
   esac
 done

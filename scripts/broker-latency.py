@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""The broker's own latency, one hop, for comparison with the agent's two (request in, result
+out): RATE records/s of 1 kB for SECONDS s into a new 6-partition topic, produced as the
+benchmark's load is (linger.ms=1), and consumed with fetch.wait.max.ms=FETCH_WAIT_MS (10);
+each record's latency is its arrival at the consumer minus its Kafka timestamp.
+
+    scripts/broker-latency.py BROKERS RATE SECONDS
+
+Prints one line: "broker only: p50 <ms> ms, p95 <ms> ms, p99 <ms> ms, max <ms> ms (<n> records)".
+"""
+import os
+import sys
+import threading
+import time
+import uuid
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+
+def main():
+    brokers, rate, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    topic = "bench.broker-latency." + uuid.uuid4().hex[:8]
+    admin = AdminClient({"bootstrap.servers": brokers})
+    admin.create_topics([NewTopic(topic, 6, 1)])[topic].result()
+    consumer = Consumer({
+        "bootstrap.servers": brokers,
+        "group.id": topic,
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": int(os.environ.get("FETCH_WAIT_MS", "10")),
+    })
+    consumer.subscribe([topic])
+    while not consumer.assignment():
+        consumer.poll(0.1)
+    n, latencies = rate * secs, []
+
+    def consume():
+        last = time.time()
+        while len(latencies) < n and time.time() - last < 30:
+            m = consumer.poll(0.5)
+            if m is None or m.error():
+                continue
+            latencies.append(time.time() * 1000 - m.timestamp()[1])
+            last = time.time()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 1})
+    start = time.time()
+    for i in range(n):
+        while time.time() < start + i / rate:
+            time.sleep(0.0005)
+        producer.produce(topic, b"x" * 1000, key=str(i % 10000).encode())
+        producer.poll(0)
+    producer.flush()
+    reader.join()
+    consumer.close()
+    if not latencies:
+        sys.exit("broker-latency: no record arrived")
+    latencies.sort()
+    q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))]
+    print(f"broker only: p50 {q(.5):.0f} ms, p95 {q(.95):.0f} ms, p99 {q(.99):.0f} ms, "
+          f"max {latencies[-1]:.0f} ms ({len(latencies)} records)")
+
+
+if __name__ == "__main__":
+    main()
