@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""The broker's own latency, one hop, for comparison with the agent's two (request in, result
-out): RATE records/s of 1 kB for SECONDS s into a new 6-partition topic, produced as the
-benchmark's load is (linger.ms=1), and consumed with fetch.wait.max.ms=FETCH_WAIT_MS (10);
-each record's latency is its arrival at the consumer minus its Kafka timestamp.
+"""The broker's own latency, one hop, for comparison with the agent's produce-to-result
+latency, which holds one such hop (request in; a result's timestamp is taken when the agent
+produces it): RATE records/s of 1 kB for SECONDS s into a new 6-partition topic, produced as
+the benchmark's load is (linger.ms=1), and consumed with the agent's fetch wait
+(KAFKA_CONFIG_fetch.wait.max.ms, librdkafka's 500 ms when unset); each record's latency is its
+arrival at the consumer minus its Kafka timestamp.
 
     scripts/broker-latency.py BROKERS RATE SECONDS
 
@@ -27,10 +29,13 @@ def main():
         "bootstrap.servers": brokers,
         "group.id": topic,
         "auto.offset.reset": "earliest",
-        "fetch.wait.max.ms": int(os.environ.get("FETCH_WAIT_MS", "10")),
+        "fetch.wait.max.ms": int(os.environ.get("KAFKA_CONFIG_fetch.wait.max.ms", "500")),
     })
     consumer.subscribe([topic])
+    joined = time.time()
     while not consumer.assignment():
+        if time.time() - joined > 60:
+            sys.exit("broker-latency: no partitions assigned within 60 s")
         consumer.poll(0.1)
     n, latencies = rate * secs, []
 

@@ -75,7 +75,8 @@ single_scripts() {
     files+=(-f "$work/books$n.sql")
   done
 }
-# B requests of consecutive (so distinct) users, 3 books each from three slots of 20 books.
+# B requests of distinct users (USERS must be prime to 7919), 3 books each from three slots of
+# 20 books.
 batch_script() {
   sql=$(statement BATCH_SQL src/persist/batch/sql.rs)
   [ -n "$sql" ] || { echo "BATCH_SQL not found in src/persist/batch/sql.rs" >&2; exit 1; }

@@ -39,6 +39,7 @@ impl Encoding {
 
 pub struct Decoder {
     reader: Schema,
+    reader_json: serde_json::Value,
     by_fingerprint: HashMap<u64, Prepared>,
     by_id: ById,
     registry: SchemaRegistry,
@@ -50,13 +51,16 @@ impl Decoder {
     pub fn new(registry: SchemaRegistry, max_message_bytes: usize) -> anyhow::Result<Self> {
         apache_avro::util::max_allocation_bytes(max_message_bytes.max(1));
         let reader = schemas::request_reader_schema()?;
+        let reader_json = prepared::schema_json(&reader)
+            .ok_or_else(|| anyhow::anyhow!("the request schema does not serialize"))?;
         let mut by_fingerprint = HashMap::new();
         for s in schemas::request_schemas()? {
             let fp = fingerprint(&s);
-            by_fingerprint.insert(fp, Prepared::new(Arc::new(s), &reader)?);
+            by_fingerprint.insert(fp, Prepared::new(Arc::new(s), &reader_json)?);
         }
         Ok(Self {
             reader,
+            reader_json,
             by_fingerprint,
             by_id: ById::default(),
             registry,
@@ -75,7 +79,9 @@ impl Decoder {
                     .ok_or(DecodeError::TruncatedHeader)?;
                 let schema_id = u32::from_be_bytes(*id);
                 let writer = self.registry.schema(schema_id).await?;
-                let writer = self.by_id.get_or_prepare(schema_id, writer, &self.reader)?;
+                let writer = self
+                    .by_id
+                    .get_or_prepare(schema_id, writer, &self.reader_json)?;
                 let req = self.read_avro(&writer, body)?;
                 Ok((req, Encoding::AvroConfluent { schema_id }))
             }

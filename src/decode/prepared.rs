@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use apache_avro::headers::HeaderBuilder;
 use apache_avro::types::Value;
 use apache_avro::{GenericSingleObjectReader, Schema};
+use serde_json::Value as Json;
 
 use super::DecodeError;
 
@@ -35,14 +36,12 @@ impl HeaderBuilder for NoHeader {
 }
 
 impl Prepared {
-    pub fn new(schema: Arc<Schema>, reader_schema: &Schema) -> Result<Self, DecodeError> {
+    /// `reader_json`: the reader schema as JSON ([`schema_json`]).
+    pub fn new(schema: Arc<Schema>, reader_json: &Json) -> Result<Self, DecodeError> {
         let reader =
             GenericSingleObjectReader::new_with_header_builder((*schema).clone(), NoHeader)
                 .map_err(|e| DecodeError::Avro(e.to_string()))?;
-        // Schema equality is by parsing canonical form, which drops logical types and
-        // defaults; the full JSON keeps them.
-        let same_as_reader =
-            serde_json::to_value(&*schema).ok() == serde_json::to_value(reader_schema).ok();
+        let same_as_reader = schema_json(&schema).is_some_and(|w| w == *reader_json);
         Ok(Self {
             schema,
             reader,
@@ -68,6 +67,12 @@ impl Prepared {
     }
 }
 
+/// A schema's full JSON, to tell a writer schema identical to the reader's: `Schema`'s own
+/// equality is by parsing canonical form, which drops logical types and defaults.
+pub fn schema_json(schema: &Schema) -> Option<Json> {
+    serde_json::to_value(schema).ok()
+}
+
 /// Prepared readers of registry schema ids (a registry never reuses an id for another schema).
 #[derive(Default)]
 pub struct ById(RwLock<HashMap<u32, Arc<Prepared>>>);
@@ -77,12 +82,12 @@ impl ById {
         &self,
         id: u32,
         schema: Arc<Schema>,
-        reader_schema: &Schema,
+        reader_json: &Json,
     ) -> Result<Arc<Prepared>, DecodeError> {
         if let Some(p) = self.0.read().expect("prepared lock").get(&id) {
             return Ok(p.clone());
         }
-        let p = Arc::new(Prepared::new(schema, reader_schema)?);
+        let p = Arc::new(Prepared::new(schema, reader_json)?);
         let mut map = self.0.write().expect("prepared lock");
         if map.len() < MAX_PREPARED_IDS {
             map.insert(id, p.clone());
@@ -112,7 +117,7 @@ mod tests {
     #[test]
     fn an_older_writer_is_still_resolved_to_the_reader_schema() {
         let (writer, reader) = (schema(WRITER), schema(READER));
-        let p = Prepared::new(Arc::new(writer.clone()), &reader).unwrap();
+        let p = Prepared::new(Arc::new(writer.clone()), &schema_json(&reader).unwrap()).unwrap();
         let v = p.read(&datum(&writer), &reader).unwrap();
         let expected = Value::Record(vec![
             ("a".into(), Value::Long(7)),
@@ -124,7 +129,7 @@ mod tests {
     #[test]
     fn the_reader_schema_itself_reads_as_apache_avro_reads_it() {
         let writer = schema(WRITER);
-        let p = Prepared::new(Arc::new(writer.clone()), &writer).unwrap();
+        let p = Prepared::new(Arc::new(writer.clone()), &schema_json(&writer).unwrap()).unwrap();
         let bytes = datum(&writer);
         let plain = apache_avro::from_avro_datum(&writer, &mut &bytes[..], Some(&writer)).unwrap();
         assert_eq!(p.read(&bytes, &writer).unwrap(), plain);
