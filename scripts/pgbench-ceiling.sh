@@ -110,7 +110,9 @@ batch_script() {
     echo "\\set rid random(1, 1000000000000000)"
     echo "\\set part random(0, 5)"
     echo "\\set bk random(0, 19)"
-    pipeline "$body" "UPDATE processed_request SET confirmation = '{\"persistenceStatus\":\"SUCCESS\"}'::jsonb WHERE request_id = ANY (ARRAY(SELECT md5((:rid::int8 + g)::text) FROM $reqs));"
+    # The agent's BATCH_CONFIRM_SQL (a join on unnest): "= ANY (ARRAY(...))" instead took 52
+    # ms a batch of 128 against 14 ms for the statement itself.
+    pipeline "$body" "UPDATE processed_request p SET confirmation = c.confirmation FROM unnest(ARRAY(SELECT md5((:rid::int8 + g)::text) FROM $reqs), $(fill "'{\"persistenceStatus\":\"SUCCESS\"}'::jsonb" "$b")) AS c(request_id, confirmation) WHERE p.request_id = c.request_id;"
   } >"$work/batch.sql"
   files+=(-f "$work/batch.sql")
 }
