@@ -135,7 +135,7 @@ for r in $runs; do
       start_agents 1 "$topic" KAFKA_RESULTS_TOPIC=bench.latency-results.$id
       # linger.ms=1: one record per produce request could not keep up at 3,000/s on tansu (and
       # at half rate the agent does not pause, so the multi-record batch stall above is moot).
-      $agent produce --kafka-config linger.ms=${LATENCY_LINGER_MS:-1} --topic "$topic" --sample \
+      $agent produce --kafka-config linger.ms=1 --topic "$topic" --sample \
         --count "$count" --users "$users" --format json --rate "$half" >/dev/null
       line=$(python3 scripts/latency.py "$KAFKA_BROKERS" "$topic" "bench.latency-results.$id" "$count")
       stop_agents

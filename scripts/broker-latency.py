@@ -19,6 +19,8 @@ import uuid
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from latency import summary
+
 
 def main():
     brokers, rate, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -62,10 +64,7 @@ def main():
     consumer.close()
     if not latencies:
         sys.exit("broker-latency: no record arrived")
-    latencies.sort()
-    q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))]
-    print(f"broker only: p50 {q(.5):.0f} ms, p95 {q(.95):.0f} ms, p99 {q(.99):.0f} ms, "
-          f"max {latencies[-1]:.0f} ms ({len(latencies)} records)")
+    print(f"broker only: {summary(sorted(latencies), 'records')}")
 
 
 if __name__ == "__main__":

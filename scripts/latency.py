@@ -37,6 +37,13 @@ def read(brokers, topic, key, count):
     return seen
 
 
+def summary(lat, noun):
+    """p50, p95, p99 and max of sorted latencies in ms (also scripts/broker-latency.py's)."""
+    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+    return (f"p50 {pick(0.50):.0f} ms, p95 {pick(0.95):.0f} ms, p99 {pick(0.99):.0f} ms, "
+            f"max {lat[-1]:.0f} ms ({len(lat)} {noun})")
+
+
 def main():
     brokers, input_topic, results_topic, count = sys.argv[1:5]
     count = int(count)
@@ -45,9 +52,7 @@ def main():
     lat = sorted(done[r] - sent[r] for r in done if r in sent)
     if not lat:
         sys.exit("latency: no request matched a result")
-    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
-    print(f"latency p50 {pick(0.50)} ms, p95 {pick(0.95)} ms, p99 {pick(0.99)} ms, "
-          f"max {lat[-1]} ms ({len(lat)} requests)")
+    print(f"latency {summary(lat, 'requests')}")
 
 
 if __name__ == "__main__":

@@ -84,10 +84,10 @@ batch_script() {
   local reqs="generate_series(1, $b) g" books="generate_series(0, $k - 1) g"
   # Distinct users and request ids scattered over their indexes, as the agent's batches are
   # (consecutive keys share index pages, and so conflict less than real batches do).
-  local user="((:u + g * 7919) % $users + 1)"
+  local user="((:u + g * 7919) % $users + 1)" rids="ARRAY(SELECT md5((:rid::int8 + g)::text) FROM $reqs)"
   fill() { echo "array_fill($1, ARRAY[$2])"; }
   declare -A p=(
-    [1]="ARRAY(SELECT md5((:rid::int8 + g)::text) FROM $reqs)" [2]="ARRAY(SELECT 'user-' || $user FROM $reqs)"
+    [1]="$rids" [2]="ARRAY(SELECT 'user-' || $user FROM $reqs)"
     [3]="$(fill "'bench'::text" "$b")" [4]="$(fill ":part::int4" "$b")"
     [5]="ARRAY(SELECT (:rid::int8 + g)::int8 FROM $reqs)" [6]="$(fill "'curious'::text" "$b")"
     [7]="$(fill "'avanzado'::text" "$b")" [8]="$(fill "'[\"history\"]'::jsonb" "$b")"
@@ -112,7 +112,7 @@ batch_script() {
     echo "\\set bk random(0, 19)"
     # The agent's BATCH_CONFIRM_SQL (a join on unnest): "= ANY (ARRAY(...))" instead took 52
     # ms a batch of 128 against 14 ms for the statement itself.
-    pipeline "$body" "UPDATE processed_request p SET confirmation = c.confirmation FROM unnest(ARRAY(SELECT md5((:rid::int8 + g)::text) FROM $reqs), $(fill "'{\"persistenceStatus\":\"SUCCESS\"}'::jsonb" "$b")) AS c(request_id, confirmation) WHERE p.request_id = c.request_id;"
+    pipeline "$body" "UPDATE processed_request p SET confirmation = c.confirmation FROM unnest($rids, $(fill "'{\"persistenceStatus\":\"SUCCESS\"}'::jsonb" "$b")) AS c(request_id, confirmation) WHERE p.request_id = c.request_id;"
   } >"$work/batch.sql"
   files+=(-f "$work/batch.sql")
 }

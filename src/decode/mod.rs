@@ -5,8 +5,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use apache_avro::Schema;
-
 use crate::message::model::PersistenceRequest;
 
 pub mod bounds;
@@ -16,7 +14,7 @@ pub mod schemas;
 pub mod wire;
 
 pub use error::DecodeError;
-use prepared::{ById, Prepared};
+use prepared::{ById, Prepared, Reader};
 use schemas::SchemaRegistry;
 pub use wire::{confluent, fingerprint, single_object, CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC};
 
@@ -38,8 +36,7 @@ impl Encoding {
 }
 
 pub struct Decoder {
-    reader: Schema,
-    reader_json: serde_json::Value,
+    reader: Reader,
     by_fingerprint: HashMap<u64, Prepared>,
     by_id: ById,
     registry: SchemaRegistry,
@@ -50,17 +47,14 @@ impl Decoder {
     /// decoder in a process sets it): no single length in a message can exceed the message.
     pub fn new(registry: SchemaRegistry, max_message_bytes: usize) -> anyhow::Result<Self> {
         apache_avro::util::max_allocation_bytes(max_message_bytes.max(1));
-        let reader = schemas::request_reader_schema()?;
-        let reader_json = prepared::schema_json(&reader)
-            .ok_or_else(|| anyhow::anyhow!("the request schema does not serialize"))?;
+        let reader = Reader::new(schemas::request_reader_schema()?)?;
         let mut by_fingerprint = HashMap::new();
         for s in schemas::request_schemas()? {
             let fp = fingerprint(&s);
-            by_fingerprint.insert(fp, Prepared::new(Arc::new(s), &reader_json)?);
+            by_fingerprint.insert(fp, Prepared::new(Arc::new(s), &reader)?);
         }
         Ok(Self {
             reader,
-            reader_json,
             by_fingerprint,
             by_id: ById::default(),
             registry,
@@ -79,9 +73,7 @@ impl Decoder {
                     .ok_or(DecodeError::TruncatedHeader)?;
                 let schema_id = u32::from_be_bytes(*id);
                 let writer = self.registry.schema(schema_id).await?;
-                let writer = self
-                    .by_id
-                    .get_or_prepare(schema_id, writer, &self.reader_json)?;
+                let writer = self.by_id.get_or_prepare(schema_id, writer, &self.reader)?;
                 let req = self.read_avro(&writer, body)?;
                 Ok((req, Encoding::AvroConfluent { schema_id }))
             }

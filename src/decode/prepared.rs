@@ -16,6 +16,21 @@ use super::DecodeError;
 /// each use (a registry with more request schemas than this is not expected).
 const MAX_PREPARED_IDS: usize = 256;
 
+/// The schema requests are read into, with its full JSON to tell a writer schema identical to
+/// it: `Schema`'s own equality is by parsing canonical form, which drops logical types and
+/// defaults.
+pub struct Reader {
+    pub schema: Schema,
+    json: Json,
+}
+
+impl Reader {
+    pub fn new(schema: Schema) -> anyhow::Result<Self> {
+        let json = serde_json::to_value(&schema)?;
+        Ok(Self { schema, json })
+    }
+}
+
 /// A writer schema with its names indexed, and whether its values need resolving to the
 /// reader schema at all.
 pub struct Prepared {
@@ -36,12 +51,11 @@ impl HeaderBuilder for NoHeader {
 }
 
 impl Prepared {
-    /// `reader_json`: the reader schema as JSON ([`schema_json`]).
-    pub fn new(schema: Arc<Schema>, reader_json: &Json) -> Result<Self, DecodeError> {
+    pub fn new(schema: Arc<Schema>, reader: &Reader) -> Result<Self, DecodeError> {
+        let same_as_reader = serde_json::to_value(&*schema).is_ok_and(|w| w == reader.json);
         let reader =
             GenericSingleObjectReader::new_with_header_builder((*schema).clone(), NoHeader)
                 .map_err(|e| DecodeError::Avro(e.to_string()))?;
-        let same_as_reader = schema_json(&schema).is_some_and(|w| w == *reader_json);
         Ok(Self {
             schema,
             reader,
@@ -49,8 +63,8 @@ impl Prepared {
         })
     }
 
-    /// One datum of the writer schema, resolved to `reader_schema`.
-    pub fn read(&self, mut body: &[u8], reader_schema: &Schema) -> Result<Value, DecodeError> {
+    /// One datum of the writer schema, resolved to `reader`'s.
+    pub fn read(&self, mut body: &[u8], reader: &Reader) -> Result<Value, DecodeError> {
         let value = self
             .reader
             .read_value(&mut body)
@@ -61,16 +75,10 @@ impl Prepared {
         match self.same_as_reader {
             true => Ok(value),
             false => value
-                .resolve(reader_schema)
+                .resolve(&reader.schema)
                 .map_err(|e| DecodeError::Resolution(e.to_string())),
         }
     }
-}
-
-/// A schema's full JSON, to tell a writer schema identical to the reader's: `Schema`'s own
-/// equality is by parsing canonical form, which drops logical types and defaults.
-pub fn schema_json(schema: &Schema) -> Option<Json> {
-    serde_json::to_value(schema).ok()
 }
 
 /// Prepared readers of registry schema ids (a registry never reuses an id for another schema).
@@ -82,12 +90,12 @@ impl ById {
         &self,
         id: u32,
         schema: Arc<Schema>,
-        reader_json: &Json,
+        reader: &Reader,
     ) -> Result<Arc<Prepared>, DecodeError> {
         if let Some(p) = self.0.read().expect("prepared lock").get(&id) {
             return Ok(p.clone());
         }
-        let p = Arc::new(Prepared::new(schema, reader_json)?);
+        let p = Arc::new(Prepared::new(schema, reader)?);
         let mut map = self.0.write().expect("prepared lock");
         if map.len() < MAX_PREPARED_IDS {
             map.insert(id, p.clone());
@@ -116,8 +124,8 @@ mod tests {
 
     #[test]
     fn an_older_writer_is_still_resolved_to_the_reader_schema() {
-        let (writer, reader) = (schema(WRITER), schema(READER));
-        let p = Prepared::new(Arc::new(writer.clone()), &schema_json(&reader).unwrap()).unwrap();
+        let (writer, reader) = (schema(WRITER), Reader::new(schema(READER)).unwrap());
+        let p = Prepared::new(Arc::new(writer.clone()), &reader).unwrap();
         let v = p.read(&datum(&writer), &reader).unwrap();
         let expected = Value::Record(vec![
             ("a".into(), Value::Long(7)),
@@ -129,13 +137,14 @@ mod tests {
     #[test]
     fn the_reader_schema_itself_reads_as_apache_avro_reads_it() {
         let writer = schema(WRITER);
-        let p = Prepared::new(Arc::new(writer.clone()), &schema_json(&writer).unwrap()).unwrap();
+        let reader = Reader::new(writer.clone()).unwrap();
+        let p = Prepared::new(Arc::new(writer.clone()), &reader).unwrap();
         let bytes = datum(&writer);
         let plain = apache_avro::from_avro_datum(&writer, &mut &bytes[..], Some(&writer)).unwrap();
-        assert_eq!(p.read(&bytes, &writer).unwrap(), plain);
+        assert_eq!(p.read(&bytes, &reader).unwrap(), plain);
         let trailing = [bytes.as_slice(), &[0]].concat();
         assert!(matches!(
-            p.read(&trailing, &writer),
+            p.read(&trailing, &reader),
             Err(DecodeError::Avro(_))
         ));
     }
