@@ -188,9 +188,20 @@ async fn persists_both_avro_framings_and_older_schema_versions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_request_delivered_twice_writes_once() {
+    duplicate_writes_once_and_repeats_the_stored_confirmation(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_request_delivered_twice_writes_once_unbatched() {
+    duplicate_writes_once_and_repeats_the_stored_confirmation(&["--batch-max=1"]).await;
+}
+
+/// The statement builds the confirmation and stores it with the ledger row: it must name the
+/// rows written, and a duplicate must get it back verbatim.
+async fn duplicate_writes_once_and_repeats_the_stored_confirmation(extra: &[&str]) {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
-    let agent = env.start(&[]).await;
+    let agent = env.start(extra).await;
     let req = request("u1", Some("dup-1"), &[("b1", 0.8)]).to_string();
     env.produce("u1", req.as_bytes()).await;
     env.produce("u1", req.as_bytes()).await;
@@ -200,6 +211,33 @@ async fn same_request_delivered_twice_writes_once() {
     assert_eq!(
         results[0], results[1],
         "a duplicate returns the original confirmation verbatim"
+    );
+    let row = env
+        .pg
+        .query_one(
+            "SELECT r.id::text, r.context_id::text, p.transaction_id::text, p.confirmation
+             FROM recommendation r JOIN processed_request p USING (request_id)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let r = &results[0];
+    let meta = r.persistence_metadata.as_ref().unwrap();
+    assert_eq!(
+        (
+            r.recommendation_id.clone(),
+            r.context_id.clone(),
+            meta.transaction_id.clone()
+        ),
+        (Some(row.get(0)), Some(row.get(1)), row.get(2)),
+        "the confirmation names the rows and the transaction that wrote them"
+    );
+    let stored: persistence_agent::message::model::PersistenceResult =
+        serde_json::from_value(row.get(3)).unwrap();
+    assert_eq!(&stored, r, "the ledger holds the confirmation published");
+    assert_eq!(
+        (r.user_id.as_deref(), r.book_count, meta.records_created),
+        (Some("u1"), 1, 3)
     );
     assert_eq!(env.count("SELECT count(*) FROM recommendation").await, 1);
     assert_eq!(
