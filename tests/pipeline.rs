@@ -3,6 +3,7 @@
 mod common;
 
 use common::{request, stop, Env};
+use persistence_agent::message::model::PersistenceResult;
 use persistence_agent::ops::metrics::outcome;
 use persistence_agent::tools::produce::{encode_avro, WireFormat};
 
@@ -196,8 +197,8 @@ async fn same_request_delivered_twice_writes_once_unbatched() {
     duplicate_writes_once_and_repeats_the_stored_confirmation(&["--batch-max=1"]).await;
 }
 
-/// The statement builds the confirmation and stores it with the ledger row: it must name the
-/// rows written, and a duplicate must get it back verbatim.
+/// The confirmation must name the rows written, be the one the ledger stores, and come back
+/// verbatim for a duplicate.
 async fn duplicate_writes_once_and_repeats_the_stored_confirmation(extra: &[&str]) {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
@@ -232,8 +233,7 @@ async fn duplicate_writes_once_and_repeats_the_stored_confirmation(extra: &[&str
         (Some(row.get(0)), Some(row.get(1)), row.get(2)),
         "the confirmation names the rows and the transaction that wrote them"
     );
-    let stored: persistence_agent::message::model::PersistenceResult =
-        serde_json::from_value(row.get(3)).unwrap();
+    let stored: PersistenceResult = serde_json::from_value(row.get(3)).unwrap();
     assert_eq!(&stored, r, "the ledger holds the confirmation published");
     assert_eq!(
         (r.user_id.as_deref(), r.book_count, meta.records_created),
