@@ -8,13 +8,17 @@
 \set ON_ERROR_STOP 1
 GRANT USAGE ON SCHEMA :"schema" TO :"role";
 SET search_path = :"schema";
--- The idempotency ledger: the insert gates every write; the confirmation is stored after it.
-GRANT SELECT, INSERT, UPDATE ON processed_request TO :"role";
+-- The idempotency ledger: the insert gates every write; a duplicate reads its row back.
+-- (Releases before migration 5 also updated it with the confirmation: grant UPDATE while one
+-- still runs.)
+GRANT SELECT, INSERT ON processed_request TO :"role";
 -- One row per user, upserted (ON CONFLICT DO UPDATE needs SELECT and UPDATE).
 GRANT SELECT, INSERT, UPDATE ON reader_context TO :"role";
 -- Written once per request; RETURNING reads the new ids.
 GRANT SELECT, INSERT ON recommendation TO :"role";
-GRANT INSERT ON recommendation_book, audit_log TO :"role";
+GRANT INSERT ON recommendation_book TO :"role";
+-- The audit row holds the rest of the confirmation: RETURNING reads it, a duplicate looks it up.
+GRANT SELECT, INSERT ON audit_log TO :"role";
 -- Fencing: a claim upserts the partition's generation; each transaction locks it FOR SHARE,
 -- which needs UPDATE as well.
 GRANT SELECT, INSERT, UPDATE ON partition_owner TO :"role";

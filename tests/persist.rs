@@ -10,7 +10,7 @@ use persistence_agent::classify::class;
 use persistence_agent::message::envelope::Source;
 use persistence_agent::message::model::PersistenceRequest;
 use persistence_agent::ops::metrics::Metrics;
-use persistence_agent::persist::{BatchConfig, Persister};
+use persistence_agent::persist::{BatchConfig, Persister, Written};
 
 fn persister(env: &Env, timeout_ms: u64, pool_size: usize) -> (Persister, Arc<Metrics>) {
     let mut db = env.run_args(&[]).db;
@@ -188,4 +188,41 @@ async fn migrations_are_idempotent_and_safe_when_replicas_start_together() {
         .await
         .unwrap();
     assert_eq!(again, Vec::<i64>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_of_a_request_recorded_by_an_earlier_release_gets_its_stored_confirmation() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let (single, _metrics) = persister(&env, 5000, 2);
+    let batch = BatchConfig {
+        max: 8,
+        linger: Duration::ZERO,
+        concurrency: 1,
+    };
+    let batched = Persister::new(
+        single.pool().clone(),
+        Duration::from_secs(5),
+        vec![Duration::from_millis(10); 5],
+        Arc::new(Metrics::new()),
+        batch,
+    );
+    for (p, id) in [(&single, "old-single"), (&batched, "old-batched")] {
+        let first = p.persist(&req("u", id), id, &source()).await.unwrap();
+        assert_eq!(first.written, Written::New);
+        // Releases before migration 5 stored the whole confirmation, naming the reader.
+        let mut old = serde_json::to_value(&first.result).unwrap();
+        old["contextId"] = "context-of-an-earlier-release".into();
+        env.pg
+            .execute(
+                "UPDATE processed_request SET confirmation = $2 WHERE request_id = $1",
+                &[&id, &old],
+            )
+            .await
+            .unwrap();
+        let again = p.persist(&req("u", id), id, &source()).await.unwrap();
+        assert_eq!(again.written, Written::Duplicate, "{id}");
+        assert_eq!(serde_json::to_value(&again.result).unwrap(), old, "{id}");
+    }
+    assert_eq!(env.count("SELECT count(*) FROM recommendation").await, 2);
 }

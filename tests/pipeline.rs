@@ -216,8 +216,10 @@ async fn duplicate_writes_once_and_repeats_the_stored_confirmation(extra: &[&str
     let row = env
         .pg
         .query_one(
-            "SELECT r.id::text, r.context_id::text, p.transaction_id::text, p.confirmation
-             FROM recommendation r JOIN processed_request p USING (request_id)",
+            "SELECT r.id::text, r.context_id::text, p.transaction_id::text,
+                    persistence_confirmation(p.confirmation, p.recommendation_id, a.new_data)
+             FROM recommendation r JOIN processed_request p USING (request_id)
+             JOIN audit_log a ON a.entity_id = r.id::text AND a.action = 'created'",
             &[],
         )
         .await
@@ -234,7 +236,10 @@ async fn duplicate_writes_once_and_repeats_the_stored_confirmation(extra: &[&str
         "the confirmation names the rows and the transaction that wrote them"
     );
     let stored: PersistenceResult = serde_json::from_value(row.get(3)).unwrap();
-    assert_eq!(&stored, r, "the ledger holds the confirmation published");
+    assert_eq!(
+        &stored, r,
+        "the ledger and audit rows hold the confirmation published"
+    );
     assert_eq!(
         (r.user_id.as_deref(), r.book_count, meta.records_created),
         (Some("u1"), 1, 3)

@@ -105,6 +105,7 @@ async fn the_pipeline_runs_under_the_agent_role_which_cannot_write_outside_it() 
         "DELETE FROM book",
         "INSERT INTO book (id, title, author) VALUES ('x', 'x', 'x')",
         "DELETE FROM processed_request",
+        "UPDATE processed_request SET confirmation = NULL",
         "UPDATE recommendation SET total_score = 0",
         "CREATE TABLE intruder (id int)",
         "DROP TABLE audit_log",

@@ -18,6 +18,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "promoted_by",
         include_str!("../../migrations/0004_promoted_by.sql"),
     ),
+    (
+        5,
+        "confirmation",
+        include_str!("../../migrations/0005_confirmation.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises migrations across replicas starting together.

@@ -1,10 +1,10 @@
 //! Persist stage: one SERIALIZABLE transaction per request (the specification's transaction flow), retried
 //! in-process with jittered backoff for transient failures.
 //!
-//! All five steps run as one statement of chained data-modifying CTEs, pipelined with BEGIN, so a
-//! request costs two round trips (BEGIN+statement, then confirmation+COMMIT). Every write is
-//! gated on the ledger insert: for a request already recorded nothing is written and the
-//! original confirmation comes back instead.
+//! All five steps run as one statement of chained data-modifying CTEs that also assembles the
+//! confirmation, pipelined with BEGIN and COMMIT, so a request costs one round trip. Every
+//! write is gated on the ledger insert: for a request already recorded nothing is written and
+//! the original confirmation comes back instead.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -187,8 +187,8 @@ impl Written {
 
 /// The client-side deadline of one transaction: the server's statement timeout cannot fire on
 /// a connection that no longer answers. Counted from the checkout (a wait for a busy pool is
-/// not a hung connection) over both round trips; on a new connection the statements' first
-/// prepares share the first one, and each wait there counts against the statement timeout.
+/// not a hung connection) over the round trip; on a new connection the statement's first
+/// prepare adds one, and each wait there counts against the statement timeout.
 fn deadline(statement_timeout: Duration) -> Duration {
     statement_timeout * 2 + CLIENT_DEADLINE_MARGIN
 }

@@ -1,16 +1,16 @@
-//! The SQL of one persist attempt: the five steps as one statement of chained CTEs, its
-//! parameters, the confirmation written back to the ledger, and reading the rows it returns.
+//! The SQL of one persist attempt: the five steps as one statement of chained CTEs that also
+//! assembles the request's confirmation, its parameters, and reading the row it returns.
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
+use tokio_postgres::types::{Json as PgJson, ToSql};
+use tokio_postgres::Row;
 
 use super::{Persisted, Written};
 use crate::classify::Failure;
 use crate::message::envelope::Source;
-use crate::message::model::{
-    round2, status, PersistenceMetadata, PersistenceRequest, PersistenceResult,
-};
+use crate::message::model::{round2, status, PersistenceRequest, PersistenceResult};
 
 pub(super) const PERSIST_SQL: &str = r#"
 WITH owner AS (
@@ -25,11 +25,18 @@ WITH owner AS (
     SELECT 1 FROM parked_key
     WHERE $20::bytea IS NOT NULL AND topic = $3 AND partition = $4 AND key = $20::bytea
 ), led AS (
-    INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset)
-    SELECT $1::text, gen_random_uuid(), $2::text, $3::text, $4::int4, $5::int8
+    -- The ledger row is written once: the confirmation's fields known now, the rest in the
+    -- audit row (migrations/0005_confirmation.sql).
+    INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset, confirmation)
+    SELECT $1::text, gen_random_uuid(), $2::text, $3::text, $4::int4, $5::int8,
+           jsonb_build_object('requestId', $1::text, 'userId', $2::text,
+               'bookCount', cardinality($15::text[]), 'persistenceStatus', 'success',
+               'timestamp', $24::text, 'error', NULL,
+               'persistenceMetadata', jsonb_build_object('transactionId', txid_current()::text,
+                   'booksLinked', cardinality($15::text[])))
     WHERE NOT EXISTS (SELECT 1 FROM blocked) AND NOT (SELECT yes FROM fenced)
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING recommendation_id
+    RETURNING recommendation_id, confirmation
 ), ctx AS (
     INSERT INTO reader_context AS rc (user_id, mood, reader_profile, interests, intent, preferences, previous_moods)
     SELECT $2, $6, $7, $8, $9, $10, ARRAY[$6::text] FROM led
@@ -52,27 +59,35 @@ WITH owner AS (
            ARRAY(SELECT jsonb_array_elements_text(b.reasons)), b.rank::int
     FROM rec, unnest($15::text[], $16::float8[], $17::jsonb[], $18::text[], $19::jsonb[])
          WITH ORDINALITY AS b(book_id, score, breakdown, justification, reasons, rank)
-    RETURNING 1
 ), audit AS (
+    -- persistenceTime: the client's wait before the statement ($25, ms) and the statement's
+    -- own time up to here, after the reader and recommendation rows.
     INSERT INTO audit_log (entity_type, entity_id, action, user_id, request_id, new_data)
     SELECT 'recommendation', rec.id::text, 'created', $2, $1,
-           jsonb_build_object('contextId', rec.context_id, 'bookCount', cardinality($15::text[]), 'totalScore', $11::float8)
-    FROM rec
-    RETURNING 1
+           jsonb_build_object('contextId', rec.context_id, 'bookCount', cardinality($15::text[]),
+               'totalScore', $11::float8, 'contextCreated', ctx.inserted,
+               'persistenceTime', $25::int8
+                   + (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::int8)
+    FROM rec, ctx
+    RETURNING new_data
 )
-SELECT rec.id::text, rec.context_id::text, (SELECT count(*) FROM books)::int4, txid_current()::text,
-       ctx.inserted, NULL::jsonb
-FROM rec, ctx
+SELECT persistence_confirmation(led.confirmation, led.recommendation_id, audit.new_data),
+       NULL::jsonb, 0
+FROM led, audit
 UNION ALL
-SELECT p.recommendation_id::text, NULL, 0, p.transaction_id::text, false, COALESCE(p.confirmation, '{}'::jsonb)
+-- A duplicate: the snapshot predates the ledger insert, so a row found was recorded before.
+SELECT NULL, COALESCE(persistence_confirmation(p.confirmation, p.recommendation_id, a.new_data),
+           '{}'::jsonb), 0
 FROM processed_request p
+LEFT JOIN LATERAL (SELECT new_data FROM audit_log WHERE entity_type = 'recommendation'
+    AND entity_id = p.recommendation_id::text AND action = 'created' LIMIT 1) a ON true
 WHERE p.request_id = $1 AND NOT EXISTS (SELECT 1 FROM led) AND NOT (SELECT yes FROM fenced)
 UNION ALL
-SELECT NULL, NULL, 0, NULL, false, NULL
+SELECT NULL, NULL, 0
 WHERE EXISTS (SELECT 1 FROM blocked) AND NOT (SELECT yes FROM fenced)
   AND NOT EXISTS (SELECT 1 FROM processed_request WHERE request_id = $1)
 UNION ALL
-SELECT NULL, NULL, -1, NULL, false, NULL
+SELECT NULL, NULL, -1
 WHERE (SELECT yes FROM fenced)
 "#;
 
@@ -83,11 +98,8 @@ pub const CLAIM_SQL: &str =
      ON CONFLICT (topic, partition) DO UPDATE SET generation = o.generation + 1, claimed_at = now()
      RETURNING generation";
 
-pub(super) const CONFIRM_SQL: &str =
-    "UPDATE processed_request SET confirmation = $2 WHERE request_id = $1";
-
 /// BEGIN of a SERIALIZABLE transaction with the attempt's statement timeout.
-pub(super) fn begin_sql(timeout: Duration) -> String {
+fn begin_sql(timeout: Duration) -> String {
     // A transaction whose client vanished (a half-open socket) would hold its share lock on
     // the partition's owner row until the server's own keepalive gives up, hours later.
     format!(
@@ -104,113 +116,94 @@ pub(super) async fn statements(
     timeout: Duration,
     started: Instant,
 ) -> Result<Persisted, Failure> {
-    let (req, request_id) = (p.req, p.request_id);
-    let begin = begin_sql(timeout);
-    let refs = p.as_refs();
-    // Polled together, tokio-postgres sends BEGIN and the query before reading either reply:
-    // one round trip. BEGIN goes first, so a statement new to this connection is prepared
-    // inside the transaction, under its statement timeout: parsing takes the tables' locks.
-    let (began, prepared) = tokio::join!(biased; client.batch_execute(&begin), async {
-        let stmt = client.prepare_cached(PERSIST_SQL).await?;
-        // Prepared before the query: an unprepared UPDATE would be parsed first and executed
-        // only after the pipelined COMMIT, outside the transaction.
-        let confirm = client.prepare_cached(CONFIRM_SQL).await?;
-        let rows = client.query(&stmt, &refs).await?;
-        Ok::<_, tokio_postgres::Error>((rows, confirm))
-    });
-    began?;
-    let (rows, confirm) = prepared?;
-    // One row always: the new recommendation, or the ledger's record of the duplicate.
+    let stamp = Stamp::new(started);
+    let refs = p.as_refs(&stamp);
+    let rows = transaction(client, PERSIST_SQL, &refs, timeout).await?;
+    // One row always: the new recommendation, the ledger's record of the duplicate, or none.
     let Some(row) = rows.first() else {
         return Err(Failure::unexpected("persist statement returned no row"));
     };
-    // Nothing written: another owner has the partition, or the key is parked.
-    let nothing = match row.get::<_, i32>(2) < 0 {
-        true => Some(Written::Fenced),
-        false => row
-            .get::<_, Option<String>>(0)
-            .is_none()
-            .then_some(Written::Blocked),
-    };
-    if let Some(written) = nothing {
-        client.batch_execute("COMMIT").await?;
-        return Ok(Persisted {
-            result: bare_result(request_id),
-            written,
-            attempts: 0,
-        });
-    }
-    let result = match row.get::<_, Option<Json>>(5) {
-        Some(confirmation) => {
-            client.batch_execute("COMMIT").await?;
-            return Ok(Persisted {
-                result: from_ledger(confirmation, request_id),
-                written: Written::Duplicate,
-                attempts: 0,
-            });
-        }
-        None => confirmation(req, request_id, &NewRows::from_row(row), started),
-    };
-    let json = tokio_postgres::types::Json(&result);
-    let confirm_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&request_id, &json];
-    let (confirmed, committed) = tokio::join!(
-        client.execute(&confirm, &confirm_params),
-        client.batch_execute("COMMIT")
-    );
-    // COMMIT of an aborted transaction "succeeds" as a rollback: check the update first.
-    confirmed?;
-    committed?;
-    Ok(Persisted {
+    let persisted = |result, written| Persisted {
         result,
-        written: Written::New,
+        written,
         attempts: 0,
+    };
+    if row.get::<_, i32>(2) < 0 {
+        return Ok(persisted(bare_result(p.request_id), Written::Fenced));
+    }
+    if let Some(result) = written_result(row, 0)? {
+        return Ok(persisted(result, Written::New));
+    }
+    Ok(match stored_result(row, 1, p.request_id) {
+        Some(result) => persisted(result, Written::Duplicate),
+        None => persisted(bare_result(p.request_id), Written::Blocked),
     })
 }
 
-/// What a transaction returned for a request it wrote.
-pub(super) struct NewRows {
-    pub recommendation_id: String,
-    pub context_id: String,
-    pub books: i32,
-    pub transaction_id: String,
-    pub context_created: bool,
+/// BEGIN, the statement and COMMIT in one round trip; the statement's rows. Polled together,
+/// tokio-postgres sends each request before reading any reply. BEGIN goes first, so a statement
+/// new to this connection is prepared inside the transaction, under its statement timeout
+/// (parsing takes the tables' locks); COMMIT goes only once the statement is sent.
+pub(super) async fn transaction(
+    client: &deadpool_postgres::Object,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    timeout: Duration,
+) -> Result<Vec<Row>, Failure> {
+    let begin = begin_sql(timeout);
+    let (began, ran) = tokio::join!(biased; client.batch_execute(&begin), async {
+        let stmt = client.prepare_cached(sql).await?;
+        Ok::<_, tokio_postgres::Error>(tokio::join!(biased;
+            client.query(&stmt, params),
+            client.batch_execute("COMMIT")
+        ))
+    });
+    began?;
+    let (rows, committed) = ran?;
+    // COMMIT of an aborted transaction "succeeds" as a rollback: the statement's error first.
+    let rows = rows?;
+    committed?;
+    Ok(rows)
 }
 
-impl NewRows {
-    fn from_row(row: &tokio_postgres::Row) -> Self {
+/// The confirmation's time fields, taken as the statement is sent: the ledger stores them, so
+/// a duplicate gets the same.
+pub(super) struct Stamp {
+    pub timestamp: String,
+    pub elapsed_ms: i64,
+}
+
+impl Stamp {
+    pub(super) fn new(started: Instant) -> Self {
         Self {
-            recommendation_id: row.get(0),
-            context_id: row.get(1),
-            books: row.get(2),
-            transaction_id: row.get(3),
-            context_created: row.get(4),
+            timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            elapsed_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
         }
     }
 }
 
-pub(super) fn confirmation(
-    req: &PersistenceRequest,
-    request_id: &str,
-    rows: &NewRows,
-    started: Instant,
-) -> PersistenceResult {
-    let books = rows.books;
-    PersistenceResult {
-        request_id: request_id.to_string(),
-        user_id: Some(req.user_id.clone()),
-        recommendation_id: Some(rows.recommendation_id.clone()),
-        context_id: Some(rows.context_id.clone()),
-        book_count: books,
-        persistence_status: status::SUCCESS.to_string(),
-        timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        persistence_metadata: Some(PersistenceMetadata {
-            transaction_id: rows.transaction_id.clone(),
-            persistence_time: started.elapsed().as_millis() as i64,
-            records_created: 1 + books + i32::from(rows.context_created),
-            books_linked: books,
-        }),
-        error: None,
-        routing: None,
+/// The confirmation the statement assembled for a request it wrote (column `idx`).
+pub(super) fn written_result(row: &Row, idx: usize) -> Result<Option<PersistenceResult>, Failure> {
+    match row.try_get::<_, Option<PgJson<PersistenceResult>>>(idx) {
+        Ok(result) => Ok(result.map(|j| j.0)),
+        Err(e) => {
+            tracing::error!(error = %e, "confirmation written unreadable");
+            Err(Failure::unexpected(
+                "persist statement returned an unreadable confirmation",
+            ))
+        }
+    }
+}
+
+/// The confirmation a duplicate gets back (column `idx`); one stored by an older release that no
+/// longer parses comes back bare.
+pub(super) fn stored_result(row: &Row, idx: usize, request_id: &str) -> Option<PersistenceResult> {
+    match row.try_get::<_, Option<PgJson<PersistenceResult>>>(idx) {
+        Ok(result) => result.map(|j| j.0),
+        Err(e) => {
+            tracing::warn!(request_id, error = %e, "stored confirmation unreadable");
+            Some(bare_result(request_id))
+        }
     }
 }
 
@@ -229,13 +222,6 @@ pub(super) fn bare_result(request_id: &str) -> PersistenceResult {
         error: None,
         routing: None,
     }
-}
-
-pub(super) fn from_ledger(confirmation: Json, request_id: &str) -> PersistenceResult {
-    serde_json::from_value(confirmation).unwrap_or_else(|e| {
-        tracing::warn!(request_id, error = %e, "stored confirmation unreadable");
-        bare_result(request_id)
-    })
 }
 
 /// Statement parameters, owned so references to them live as long as the query.
@@ -290,7 +276,7 @@ impl<'a> Params<'a> {
         }
     }
 
-    fn as_refs(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 23] {
+    fn as_refs<'s>(&'s self, stamp: &'s Stamp) -> [&'s (dyn ToSql + Sync); 25] {
         let c = &self.req.context;
         [
             &self.request_id,
@@ -316,6 +302,8 @@ impl<'a> Params<'a> {
             &self.fence_topic,
             &self.fence_partition,
             &self.fence_generation,
+            &stamp.timestamp,
+            &stamp.elapsed_ms,
         ]
     }
 }

@@ -1,18 +1,18 @@
 //! The SQL of one batched attempt: the single-request statement's five steps over arrays (one
 //! element per request, books flattened with the index of their request), with the same
-//! per-request fencing, parked-key and ledger checks, and the confirmations written back in
-//! one statement.
+//! per-request fencing, parked-key and ledger checks, and each request's confirmation.
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
-use tokio_postgres::types::{Json as PgJson, ToSql};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
 
-use super::super::sql::{begin_sql, confirmation, from_ledger, NewRows};
+use super::super::sql::{bare_result, stored_result, transaction, written_result, Stamp};
 use super::super::{Persisted, Written};
 use super::Member;
 use crate::classify::Failure;
-use crate::message::model::{round2, PersistenceResult};
+use crate::message::model::round2;
 
 pub const BATCH_SQL: &str = r#"
 WITH input AS (
@@ -35,12 +35,18 @@ WITH input AS (
             WHERE k.topic = r.topic AND k.partition = r.part AND k.key = r.order_key)) AS blocked
     FROM input r
 ), led AS (
-    INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset)
-    SELECT request_id, gen_random_uuid(), user_id, topic, part, off FROM state
+    -- Written once, as in the single statement: the rest of the confirmation is in the audit row.
+    INSERT INTO processed_request (request_id, recommendation_id, user_id, source_topic, source_partition, source_offset, confirmation)
+    SELECT request_id, gen_random_uuid(), user_id, topic, part, off,
+           jsonb_build_object('requestId', request_id, 'userId', user_id, 'bookCount', n_books,
+               'persistenceStatus', 'success', 'timestamp', $27::text, 'error', NULL,
+               'persistenceMetadata', jsonb_build_object('transactionId', txid_current()::text,
+                   'booksLinked', n_books))
+    FROM state
     WHERE NOT fenced AND NOT blocked
     ORDER BY request_id
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING request_id, recommendation_id
+    RETURNING request_id, recommendation_id, confirmation
 ), ctx AS (
     INSERT INTO reader_context AS rc (user_id, mood, reader_profile, interests, intent, preferences, previous_moods)
     SELECT s.user_id, s.mood, s.profile, ARRAY(SELECT jsonb_array_elements_text(s.interests)),
@@ -70,35 +76,35 @@ WITH input AS (
     FROM unnest($19::int4[], $20::text[], $21::float8[], $22::jsonb[], $23::text[], $24::jsonb[], $25::int4[])
          AS b(req, book_id, score, breakdown, justification, reasons, rank)
     JOIN state s ON s.i = b.req JOIN rec ON rec.request_id = s.request_id
-    RETURNING recommendation_id
 ), audit AS (
     INSERT INTO audit_log (entity_type, entity_id, action, user_id, request_id, new_data)
     SELECT 'recommendation', rec.id::text, 'created', s.user_id, s.request_id,
-           jsonb_build_object('contextId', rec.context_id, 'bookCount', s.n_books, 'totalScore', s.total_score)
-    FROM rec JOIN state s USING (request_id)
-    RETURNING 1
-), counted AS (
-    SELECT recommendation_id, count(*)::int4 AS n FROM books GROUP BY recommendation_id
+           jsonb_build_object('contextId', rec.context_id, 'bookCount', s.n_books,
+               'totalScore', s.total_score, 'contextCreated', ctx.inserted,
+               'persistenceTime', $28::int8
+                   + (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::int8)
+    FROM rec JOIN state s USING (request_id) JOIN ctx ON ctx.user_id = s.user_id
+    RETURNING request_id, new_data
 )
-SELECT s.i::int4, rec.id::text, rec.context_id::text, COALESCE(c.n, 0), txid_current()::text,
-       COALESCE(ctx.inserted, false), s.fenced, s.blocked,
+SELECT s.i::int4,
+       persistence_confirmation(led.confirmation, led.recommendation_id, audit.new_data),
+       s.fenced, s.blocked,
        -- Looked up only for requests the ledger insert skipped (the snapshot predates it: a
        -- row found was recorded before), one index probe each: a scan of the ledger would
        -- take a predicate lock on all of it, which every concurrent insert conflicts with.
-       CASE WHEN rec.id IS NULL AND NOT s.fenced THEN
-           (SELECT COALESCE(p.confirmation, '{}'::jsonb) FROM processed_request p
+       CASE WHEN led.request_id IS NULL AND NOT s.fenced THEN
+           (SELECT COALESCE(persistence_confirmation(p.confirmation, p.recommendation_id, a.new_data),
+                '{}'::jsonb)
+            FROM processed_request p
+            LEFT JOIN LATERAL (SELECT new_data FROM audit_log WHERE entity_type = 'recommendation'
+                AND entity_id = p.recommendation_id::text AND action = 'created' LIMIT 1) a ON true
             WHERE p.request_id = s.request_id)
        END
 FROM state s
-LEFT JOIN rec ON rec.request_id = s.request_id
-LEFT JOIN ctx ON ctx.id = rec.context_id
-LEFT JOIN counted c ON c.recommendation_id = rec.id
+LEFT JOIN led ON led.request_id = s.request_id
+LEFT JOIN audit ON audit.request_id = s.request_id
 ORDER BY s.i
 "#;
-
-const BATCH_CONFIRM_SQL: &str = "UPDATE processed_request p SET confirmation = c.confirmation
-     FROM unnest($1::text[], $2::jsonb[]) AS c(request_id, confirmation)
-     WHERE p.request_id = c.request_id";
 
 /// The statements of one batched attempt, BEGIN to COMMIT: one outcome per member, in order.
 pub(super) async fn statements(
@@ -108,18 +114,9 @@ pub(super) async fn statements(
     started: Instant,
 ) -> Result<Vec<Persisted>, Failure> {
     let p = Params::new(members);
-    let refs = p.as_refs();
-    let begin = begin_sql(timeout);
-    // As in the single path: BEGIN first, so a first prepare runs under the statement timeout;
-    // the UPDATE is prepared before the query, as an unprepared one would run after COMMIT.
-    let (began, prepared) = tokio::join!(biased; client.batch_execute(&begin), async {
-        let stmt = client.prepare_cached(BATCH_SQL).await?;
-        let confirm = client.prepare_cached(BATCH_CONFIRM_SQL).await?;
-        let rows = client.query(&stmt, &refs).await?;
-        Ok::<_, tokio_postgres::Error>((rows, confirm))
-    });
-    began?;
-    let (rows, confirm) = prepared?;
+    let stamp = Stamp::new(started);
+    let refs = p.as_refs(&stamp);
+    let rows = transaction(client, BATCH_SQL, &refs, timeout).await?;
     if rows.len() != members.len() {
         return Err(Failure::unexpected(
             "batch statement returned a row count unlike its input",
@@ -133,60 +130,29 @@ pub(super) async fn statements(
                 "batch statement returned rows out of order",
             ));
         }
-        out.push(outcome(row, m, started)?);
+        out.push(outcome(row, m)?);
     }
-    // Serialized straight into the statement's parameters, with no JSON tree built between.
-    let (ids, confirmations): (Vec<&str>, Vec<PgJson<&PersistenceResult>>) = out
-        .iter()
-        .zip(members)
-        .filter(|(p, _)| p.written == Written::New)
-        .map(|(p, m)| (m.request_id.as_str(), PgJson(&p.result)))
-        .unzip();
-    if ids.is_empty() {
-        client.batch_execute("COMMIT").await?;
-        return Ok(out);
-    }
-    let params: [&(dyn ToSql + Sync); 2] = [&ids, &confirmations];
-    let (confirmed, committed) = tokio::join!(
-        client.execute(&confirm, &params),
-        client.batch_execute("COMMIT")
-    );
-    // COMMIT of an aborted transaction "succeeds" as a rollback: check the update first.
-    confirmed?;
-    committed?;
     Ok(out)
 }
 
 /// One member's outcome, in the single statement's order of precedence: fenced, written,
 /// recorded before (duplicate), blocked.
-fn outcome(row: &tokio_postgres::Row, m: &Member, started: Instant) -> Result<Persisted, Failure> {
-    let (fenced, blocked): (bool, bool) = (row.get(6), row.get(7));
+fn outcome(row: &Row, m: &Member) -> Result<Persisted, Failure> {
+    let (fenced, blocked): (bool, bool) = (row.get(2), row.get(3));
     let persisted = |result, written| Persisted {
         result,
         written,
         attempts: 1,
     };
-    let bare = || super::super::sql::bare_result(&m.request_id);
     if fenced {
-        return Ok(persisted(bare(), Written::Fenced));
+        return Ok(persisted(bare_result(&m.request_id), Written::Fenced));
     }
-    if let Some(recommendation_id) = row.get::<_, Option<String>>(1) {
-        let rows = NewRows {
-            recommendation_id,
-            context_id: row.get(2),
-            books: row.get(3),
-            transaction_id: row.get(4),
-            context_created: row.get(5),
-        };
-        let result = confirmation(&m.req, &m.request_id, &rows, started);
+    if let Some(result) = written_result(row, 1)? {
         return Ok(persisted(result, Written::New));
     }
-    match (row.get::<_, Option<Json>>(8), blocked) {
-        (Some(stored), _) => Ok(persisted(
-            from_ledger(stored, &m.request_id),
-            Written::Duplicate,
-        )),
-        (None, true) => Ok(persisted(bare(), Written::Blocked)),
+    match (stored_result(row, 4, &m.request_id), blocked) {
+        (Some(stored), _) => Ok(persisted(stored, Written::Duplicate)),
+        (None, true) => Ok(persisted(bare_result(&m.request_id), Written::Blocked)),
         (None, false) => Err(Failure::unexpected(
             "batch statement neither wrote nor found a request",
         )),
@@ -297,7 +263,7 @@ impl<'a> Params<'a> {
         }
     }
 
-    fn as_refs(&self) -> [&(dyn ToSql + Sync); 26] {
+    fn as_refs<'s>(&'s self, stamp: &'s Stamp) -> [&'s (dyn ToSql + Sync); 28] {
         let b = &self.books;
         [
             &self.request_ids,
@@ -326,6 +292,8 @@ impl<'a> Params<'a> {
             &b.reasons,
             &b.ranks,
             &self.book_counts,
+            &stamp.timestamp,
+            &stamp.elapsed_ms,
         ]
     }
 }
