@@ -20,3 +20,5 @@ RETURNS jsonb LANGUAGE sql STABLE PARALLEL SAFE AS $$
                     + CASE WHEN (audit ->> 'contextCreated')::bool THEN 1 ELSE 0 END))
     END
 $$;
+COMMENT ON COLUMN processed_request.confirmation IS
+    'the confirmation''s fields known at the ledger insert; persistence_confirmation() adds the audit row''s';

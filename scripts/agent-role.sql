@@ -9,8 +9,8 @@
 GRANT USAGE ON SCHEMA :"schema" TO :"role";
 SET search_path = :"schema";
 -- The idempotency ledger: the insert gates every write; a duplicate reads its row back.
--- (Releases before migration 5 also updated it with the confirmation: grant UPDATE while one
--- still runs.)
+-- Releases before migration 5 also updated it with the confirmation: a role granted then keeps
+-- UPDATE until revoked (docs/security.md), once none of them runs.
 GRANT SELECT, INSERT ON processed_request TO :"role";
 -- One row per user, upserted (ON CONFLICT DO UPDATE needs SELECT and UPDATE).
 GRANT SELECT, INSERT, UPDATE ON reader_context TO :"role";

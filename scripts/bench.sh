@@ -28,7 +28,7 @@ format=${FORMAT:-mixed}
 runs=${RUNS:-unbatched batched scale latency}
 pool=${DATABASE_POOL_SIZE:-16}
 batch_max=${BATCH_MAX:-128}
-batch_conc=${BATCH_CONCURRENCY:-1}
+batch_conc=${BATCH_CONCURRENCY:-2}
 ensure_postgres
 ensure_kafka
 agent=${AGENT:-target/release/persistence-agent}

@@ -162,7 +162,7 @@ impl Persister {
         let deadline = deadline(timeout);
         let outcome =
             tokio::time::timeout(deadline, statements(guard.client(), &p, timeout, started)).await;
-        guard.finish(deadline, outcome).await
+        guard.finish(deadline, outcome)
     }
 }
 
@@ -188,7 +188,7 @@ impl Written {
 /// The client-side deadline of one transaction: the server's statement timeout cannot fire on
 /// a connection that no longer answers. Counted from the checkout (a wait for a busy pool is
 /// not a hung connection) over the round trip; on a new connection the statement's first
-/// prepare adds one, and each wait there counts against the statement timeout.
+/// prepare adds one, which only this deadline bounds (it runs before BEGIN).
 fn deadline(statement_timeout: Duration) -> Duration {
     statement_timeout * 2 + CLIENT_DEADLINE_MARGIN
 }
@@ -207,8 +207,10 @@ impl Checkout {
         self.0.as_ref().expect("checked out")
     }
 
-    /// Returns the connection to the pool once its transaction is over, or discards it.
-    async fn finish<T>(
+    /// Returns the connection to the pool once its transaction is over, or discards it. The
+    /// statements end every transaction they begin, failed or not (`sql::transaction`), or
+    /// leave a broken connection, which the pool's recycle check discards: no ROLLBACK here.
+    fn finish<T>(
         mut self,
         deadline: Duration,
         outcome: Result<Result<T, Failure>, tokio::time::error::Elapsed>,
@@ -217,15 +219,6 @@ impl Checkout {
         let Ok(outcome) = outcome else {
             return Err(Failure::hung(deadline));
         };
-        let client = self.client();
-        if outcome.is_err() && !client.is_closed() {
-            // A server that froze after its error reply must not hold the worker either.
-            let rollback =
-                tokio::time::timeout(CLIENT_DEADLINE_MARGIN, client.batch_execute("ROLLBACK"));
-            if !matches!(rollback.await, Ok(Ok(()))) {
-                return outcome;
-            }
-        }
         drop(self.0.take());
         outcome
     }

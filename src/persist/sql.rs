@@ -131,7 +131,7 @@ pub(super) async fn statements(
     if row.get::<_, i32>(2) < 0 {
         return Ok(persisted(bare_result(p.request_id), Written::Fenced));
     }
-    if let Some(result) = written_result(row, 0)? {
+    if let Some(result) = written_result(row, 0, p.request_id)? {
         return Ok(persisted(result, Written::New));
     }
     Ok(match stored_result(row, 1, p.request_id) {
@@ -140,26 +140,29 @@ pub(super) async fn statements(
     })
 }
 
-/// BEGIN, the statement and COMMIT in one round trip; the statement's rows. Polled together,
-/// tokio-postgres sends each request before reading any reply. BEGIN goes first, so a statement
-/// new to this connection is prepared inside the transaction, under its statement timeout
-/// (parsing takes the tables' locks); COMMIT goes only once the statement is sent.
+/// BEGIN, the statement and COMMIT in one round trip; the statement's rows. Polled together in
+/// order, tokio-postgres sends each request before reading any reply. Whatever fails, the
+/// transaction is over when this returns (COMMIT of an aborted one rolls it back), or the
+/// connection is broken: no ROLLBACK is needed after it.
 pub(super) async fn transaction(
     client: &deadpool_postgres::Object,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
     timeout: Duration,
 ) -> Result<Vec<Row>, Failure> {
+    // Prepared before BEGIN (once per connection; cached after), so that nothing can fail
+    // between BEGIN and COMMIT without COMMIT being sent. Its parse waits for the tables'
+    // locks outside the statement timeout, but not past the client deadline.
+    let stmt = client.prepare_cached(sql).await?;
     let begin = begin_sql(timeout);
-    let (began, ran) = tokio::join!(biased; client.batch_execute(&begin), async {
-        let stmt = client.prepare_cached(sql).await?;
-        Ok::<_, tokio_postgres::Error>(tokio::join!(biased;
-            client.query(&stmt, params),
-            client.batch_execute("COMMIT")
-        ))
-    });
+    let (began, rows, committed) = tokio::join!(biased;
+        client.batch_execute(&begin),
+        client.query(&stmt, params),
+        client.batch_execute("COMMIT")
+    );
+    // BEGIN itself cannot fail on a live connection; a SET LOCAL after it can, which aborts
+    // the transaction: the statement then fails (25P02) and COMMIT rolls back.
     began?;
-    let (rows, committed) = ran?;
     // COMMIT of an aborted transaction "succeeds" as a rollback: the statement's error first.
     let rows = rows?;
     committed?;
@@ -182,12 +185,17 @@ impl Stamp {
     }
 }
 
-/// The confirmation the statement assembled for a request it wrote (column `idx`).
-pub(super) fn written_result(row: &Row, idx: usize) -> Result<Option<PersistenceResult>, Failure> {
+/// The confirmation the statement assembled for a request it wrote (column `idx`). Read after
+/// COMMIT: should it not parse, the request is written, and its retry answers as a duplicate.
+pub(super) fn written_result(
+    row: &Row,
+    idx: usize,
+    request_id: &str,
+) -> Result<Option<PersistenceResult>, Failure> {
     match row.try_get::<_, Option<PgJson<PersistenceResult>>>(idx) {
         Ok(result) => Ok(result.map(|j| j.0)),
         Err(e) => {
-            tracing::error!(error = %e, "confirmation written unreadable");
+            tracing::error!(request_id, error = %e, "confirmation written unreadable");
             Err(Failure::unexpected(
                 "persist statement returned an unreadable confirmation",
             ))

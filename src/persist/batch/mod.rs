@@ -318,6 +318,6 @@ impl Writer {
             sql::statements(guard.client(), members, timeout, started),
         )
         .await;
-        guard.finish(deadline, outcome).await
+        guard.finish(deadline, outcome)
     }
 }

@@ -147,7 +147,7 @@ fn outcome(row: &Row, m: &Member) -> Result<Persisted, Failure> {
     if fenced {
         return Ok(persisted(bare_result(&m.request_id), Written::Fenced));
     }
-    if let Some(result) = written_result(row, 1)? {
+    if let Some(result) = written_result(row, 1, &m.request_id)? {
         return Ok(persisted(result, Written::New));
     }
     match (stored_result(row, 4, &m.request_id), blocked) {
