@@ -188,7 +188,7 @@ impl Written {
 /// The client-side deadline of one transaction: the server's statement timeout cannot fire on
 /// a connection that no longer answers. Counted from the checkout (a wait for a busy pool is
 /// not a hung connection) over the round trip; on a new connection the statement's first
-/// prepare adds one, which only this deadline bounds (it runs before BEGIN).
+/// prepare adds one, and each wait there counts against the statement timeout.
 fn deadline(statement_timeout: Duration) -> Duration {
     statement_timeout * 2 + CLIENT_DEADLINE_MARGIN
 }

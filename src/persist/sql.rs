@@ -150,16 +150,26 @@ pub(super) async fn transaction(
     params: &[&(dyn ToSql + Sync)],
     timeout: Duration,
 ) -> Result<Vec<Row>, Failure> {
-    // Prepared before BEGIN (once per connection; cached after), so that nothing can fail
-    // between BEGIN and COMMIT without COMMIT being sent. Its parse waits for the tables'
-    // locks outside the statement timeout, but not past the client deadline.
-    let stmt = client.prepare_cached(sql).await?;
     let begin = begin_sql(timeout);
-    let (began, rows, committed) = tokio::join!(biased;
-        client.batch_execute(&begin),
-        client.query(&stmt, params),
-        client.batch_execute("COMMIT")
-    );
+    // BEGIN goes first, so a statement new to this connection is prepared inside the
+    // transaction, under its statement timeout (parsing waits for the tables' locks).
+    let (began, ran) = tokio::join!(biased; client.batch_execute(&begin), async {
+        let stmt = client.prepare_cached(sql).await?;
+        Ok::<_, tokio_postgres::Error>(tokio::join!(biased;
+            client.query(&stmt, params),
+            client.batch_execute("COMMIT")
+        ))
+    });
+    let (rows, committed) = match ran {
+        Ok(ran) => ran,
+        Err(e) => {
+            // The prepare failed before COMMIT was sent: end the transaction here. ROLLBACK
+            // fails only on a broken connection, which the pool discards.
+            let _ = client.batch_execute("ROLLBACK").await;
+            began?;
+            return Err(e.into());
+        }
+    };
     // BEGIN itself cannot fail on a live connection; a SET LOCAL after it can, which aborts
     // the transaction: the statement then fails (25P02) and COMMIT rolls back.
     began?;
