@@ -10,6 +10,7 @@ use tokio_postgres::Row;
 use super::{Persisted, Written};
 use crate::classify::Failure;
 use crate::message::envelope::Source;
+use crate::message::headers::format_time;
 use crate::message::model::{round2, status, PersistenceRequest, PersistenceResult};
 
 pub(super) const PERSIST_SQL: &str = r#"
@@ -189,7 +190,7 @@ pub(super) struct Stamp {
 impl Stamp {
     pub(super) fn new(started: Instant) -> Self {
         Self {
-            timestamp: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            timestamp: format_time(chrono::Utc::now()),
             elapsed_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
         }
     }
@@ -202,27 +203,28 @@ pub(super) fn written_result(
     idx: usize,
     request_id: &str,
 ) -> Result<Option<PersistenceResult>, Failure> {
-    match row.try_get::<_, Option<PgJson<PersistenceResult>>>(idx) {
-        Ok(result) => Ok(result.map(|j| j.0)),
-        Err(e) => {
-            tracing::error!(request_id, error = %e, "confirmation written unreadable");
-            Err(Failure::unexpected(
-                "persist statement returned an unreadable confirmation",
-            ))
-        }
-    }
+    confirmation_at(row, idx).map_err(|e| {
+        tracing::error!(request_id, error = %e, "confirmation written unreadable");
+        Failure::unexpected("persist statement returned an unreadable confirmation")
+    })
 }
 
 /// The confirmation a duplicate gets back (column `idx`); one stored by an older release that no
 /// longer parses comes back bare.
 pub(super) fn stored_result(row: &Row, idx: usize, request_id: &str) -> Option<PersistenceResult> {
-    match row.try_get::<_, Option<PgJson<PersistenceResult>>>(idx) {
-        Ok(result) => result.map(|j| j.0),
-        Err(e) => {
-            tracing::warn!(request_id, error = %e, "stored confirmation unreadable");
-            Some(bare_result(request_id))
-        }
-    }
+    confirmation_at(row, idx).unwrap_or_else(|e| {
+        tracing::warn!(request_id, error = %e, "stored confirmation unreadable");
+        Some(bare_result(request_id))
+    })
+}
+
+/// Column `idx` (jsonb) parsed straight into a confirmation, with no JSON tree between.
+fn confirmation_at(
+    row: &Row,
+    idx: usize,
+) -> Result<Option<PersistenceResult>, tokio_postgres::Error> {
+    row.try_get::<_, Option<PgJson<PersistenceResult>>>(idx)
+        .map(|json| json.map(|j| j.0))
 }
 
 /// A success result carrying only the request id: for a blocked request (never published: it
