@@ -10,10 +10,12 @@
 #  3. latency: JSON requests produced at half the batched rate, produce-to-result percentiles,
 #     and the broker's own one-hop latency at the same rate (scripts/broker-latency.py).
 # Each run prints requests/s, its ratio to the ceilings, CPU per request, conflict retries per
-# 1,000 and peak RSS.
+# 1,000 and peak RSS, and (scripts/cores.py) the cores PostgreSQL, the clients and the broker
+# used meanwhile: on a shared machine what the agent and the broker use, PostgreSQL cannot.
 #   scripts/bench.sh [N]   N=100000 USERS=10000 FORMAT=mixed CEILING_SECONDS=20 (0 skips them)
-#                          RUNS="unbatched batched scale latency" (also: alt, with ALT_AGENT=<binary>)
-#                          PROFILE=<perf.data> (perf samples the batched run; PERF_CALLGRAPH=
+#                          RUNS="unbatched batched scale latency" (also: alt, the batched run with
+#                          ALT_AGENT=<binary> and/or ALT_ENV="KEY=VALUE ..." agent settings)
+#                          PROFILE=<perf.data> (perf samples the PROFILE_RUN run, default batched; PERF_CALLGRAPH=
 #                          "--call-graph dwarf" for stacks through code without frame pointers),
 #                          METRICS_DUMP=<prefix> (the first agent's /metrics after each run),
 #                          AGENT=<binary> (else a release build); DATABASE_URL / KAFKA_BROKERS as
@@ -36,20 +38,34 @@ agent=${AGENT:-target/release/persistence-agent}
 id=$(date +%s)-$$
 export RUST_LOG=warn KAFKA_RESULTS_TOPIC=bench.results.$id
 pids=() schemas=()
+snaps=$(mktemp -d)
 cleanup() {
+  rm -rf "$snaps"
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
   for s in "${schemas[@]}"; do psql "$DATABASE_URL" -qc "DROP SCHEMA IF EXISTS $s CASCADE" 2>/dev/null || true; done
 }
 # After the broker and database helpers' own exit steps are registered (lib.sh at_exit).
 at_exit cleanup
 
+# One pgbench ceiling (env as arguments): its line, then the cores used while pgbench ran
+# (sampled inside the run: its backends exit with it).
+ceiling() {
+  local secs=${CEILING_SECONDS:-20} out=$snaps/ceiling p
+  env "$@" USERS="$users" scripts/pgbench-ceiling.sh "$secs" >"$out" & p=$!
+  until pgrep -x pgbench >/dev/null; do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  sleep 1; python3 scripts/cores.py snap "$snaps/c0"
+  sleep "$((secs > 3 ? secs - 3 : 1))"; python3 scripts/cores.py snap "$snaps/c1"
+  wait "$p"
+  cat "$out"
+  python3 scripts/cores.py diff "$snaps/c0" "$snaps/c1"
+}
 single= batched=
 if [ "${CEILING_SECONDS:-20}" != 0 ]; then
-  line=$(CLIENTS=$pool USERS=$users scripts/pgbench-ceiling.sh "${CEILING_SECONDS:-20}")
-  echo "ceiling single  $line"
+  { read -r line; read -r cores; } < <(ceiling CLIENTS="$pool")
+  printf 'ceiling single  %s\n%15s %s\n' "$line" "" "$cores"
   single=$(awk '{print $2}' <<<"$line")
-  line=$(CLIENTS=$batch_conc BATCH=$batch_max USERS=$users scripts/pgbench-ceiling.sh "${CEILING_SECONDS:-20}")
-  echo "ceiling batched $line"
+  { read -r line; read -r cores; } < <(ceiling CLIENTS="$batch_conc" BATCH="$batch_max")
+  printf 'ceiling batched %s\n%15s %s\n' "$line" "" "$cores"
   batched=$(awk '{print $2}' <<<"$line")
 fi
 
@@ -85,12 +101,14 @@ measure() {
   while [ "$(sum_metric persistence_agent_outcomes_total)" -lt 1 ]; do alive; sleep 0.05; done
   local first t0 perf_pid=
   first=$(date +%s.%N) t0=$(ticks)
-  if [ -n "${PROFILE:-}" ] && [ "$label" = batched ]; then
+  python3 scripts/cores.py snap "$snaps/a0"
+  if [ -n "${PROFILE:-}" ] && [ "$label" = "${PROFILE_RUN:-batched}" ]; then
     perf record -q -F 499 ${PERF_CALLGRAPH:--g} -p "${run_pids[0]}" -o "$PROFILE" 2>/dev/null & perf_pid=$!
   fi
   while [ "$(sum_metric persistence_agent_outcomes_total)" -lt "$n" ]; do alive; sleep 0.2; done
   local end t1 hwm=0 p
   end=$(date +%s.%N) t1=$(ticks)
+  python3 scripts/cores.py snap "$snaps/a1"
   [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
   [ -z "${METRICS_DUMP:-}" ] || curl -sf "http://${addrs[0]}/metrics" > "$METRICS_DUMP.$label" || true
   for p in "${run_pids[@]}"; do h=$(awk '/VmHWM/ {print $2}' "/proc/$p/status"); [ "$h" -gt "$hwm" ] && hwm=$h; done
@@ -108,6 +126,7 @@ measure() {
     "$label" "$rate" "$(ratio "$rate" "$single" single)" "$(ratio "$rate" "$batched" batched)" \
     "$(echo "1000000 * ($t1 - $t0) / $(getconf CLK_TCK) / $n" | bc -l)" \
     "$(echo "1000 * $conflicts / $n" | bc -l)" "$size" "$(echo "$hwm / 1024" | bc -l)"
+  printf '%15s %s\n' "" "$(python3 scripts/cores.py diff "$snaps/a0" "$snaps/a1" "${run_pids[@]}")"
 }
 
 loaded=bench.requests.$id
@@ -124,8 +143,10 @@ for r in $runs; do
     # Unbatched, each worker runs its own transaction: as many workers as connections.
     unbatched) measure unbatched 1 BATCH_MAX=1 WORKERS="$pool" ;;
     batched) measure batched 1; best=$rate ;;
-    # ALT_AGENT=<binary>: the same batched run with another build, for an A/B in one run.
-    alt) run_agent=$ALT_AGENT measure "alt batched" 1; run_agent= ;;
+    # The batched run with another build (ALT_AGENT) and/or settings (ALT_ENV), for an A/B in
+    # one run; ALT_ENV="BATCH_MAX=1 WORKERS=16" makes it an unbatched one.
+    # shellcheck disable=SC2086 # ALT_ENV is a list of KEY=VALUE words
+    alt) run_agent=${ALT_AGENT:-} measure "alt" 1 ${ALT_ENV:-}; run_agent= ;;
     scale) measure "2 agents" 2; measure "4 agents" 4 ;;
     latency)
       # Half the batched rate (or of the last run), JSON so the script can match request ids.
