@@ -15,8 +15,9 @@
 #   scripts/bench.sh [N]   N=100000 USERS=10000 FORMAT=mixed CEILING_SECONDS=20 (0 skips them)
 #                          RUNS="unbatched batched scale latency" (also: alt, the batched run with
 #                          ALT_AGENT=<binary> and/or ALT_ENV="KEY=VALUE ..." agent settings)
-#                          PROFILE=<perf.data> (perf samples the PROFILE_RUN run, default batched; PERF_CALLGRAPH=
-#                          "--call-graph dwarf" for stacks through code without frame pointers),
+#                          PROFILE=<perf.data> (perf samples the run labelled PROFILE_RUN, default
+#                          batched; PERF_CALLGRAPH="--call-graph dwarf" for stacks through code
+#                          without frame pointers; the profiled run's CPU figures include perf's),
 #                          METRICS_DUMP=<prefix> (the first agent's /metrics after each run),
 #                          AGENT=<binary> (else a release build); DATABASE_URL / KAFKA_BROKERS as
 #                          scripts/test.sh. Agent settings (BATCH_MAX, WORKERS, ...) pass through
@@ -31,6 +32,11 @@ runs=${RUNS:-unbatched batched scale latency}
 pool=${DATABASE_POOL_SIZE:-16}
 batch_max=${BATCH_MAX:-128}
 batch_conc=${BATCH_CONCURRENCY:-2}
+ceiling_secs=${CEILING_SECONDS:-20}
+# The cores are sampled a second into pgbench's run and 2 s before its end: shorter runs have
+# no window.
+[ "$ceiling_secs" = 0 ] || [ "$ceiling_secs" -ge 4 ] ||
+  { echo "CEILING_SECONDS must be 0 or at least 4" >&2; exit 1; }
 ensure_postgres
 ensure_kafka
 agent=${AGENT:-target/release/persistence-agent}
@@ -47,32 +53,46 @@ cleanup() {
 # After the broker and database helpers' own exit steps are registered (lib.sh at_exit).
 at_exit cleanup
 
-# One pgbench ceiling (env as arguments): its line, then the cores used while pgbench ran
-# (sampled inside the run: its backends exit with it).
+# One pgbench ceiling (env as arguments): its line, then the cores used while pgbench ran. A
+# background sampler takes them inside the run (its backends exit with it); the ceiling runs in
+# the foreground, so its failure or a Ctrl-C stops the bench at once.
 ceiling() {
-  local secs=${CEILING_SECONDS:-20} out=$snaps/ceiling p
-  env "$@" USERS="$users" scripts/pgbench-ceiling.sh "$secs" >"$out" & p=$!
-  until pgrep -x pgbench >/dev/null; do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  sleep 1; python3 scripts/cores.py snap "$snaps/c0"
-  sleep "$((secs > 3 ? secs - 3 : 1))"; python3 scripts/cores.py snap "$snaps/c1"
-  wait "$p"
-  cat "$out"
+  local line sampler
+  (
+    # This bench's own pgbench (its process group): another one on the host is not ours.
+    until pgrep -g 0 -x pgbench >/dev/null; do sleep 0.1; done
+    sleep 1; python3 scripts/cores.py snap "$snaps/c0"
+    sleep "$((ceiling_secs - 3))"; python3 scripts/cores.py snap "$snaps/c1"
+  ) & sampler=$!
+  line=$(env "$@" USERS="$users" scripts/pgbench-ceiling.sh "$ceiling_secs" | grep '^pgbench ') ||
+    { kill "$sampler" 2>/dev/null; echo "pgbench ceiling ($*) failed" >&2; return 1; }
+  wait "$sampler"
+  echo "$line"
   python3 scripts/cores.py diff "$snaps/c0" "$snaps/c1"
 }
 single= batched=
-if [ "${CEILING_SECONDS:-20}" != 0 ]; then
-  { read -r line; read -r cores; } < <(ceiling CLIENTS="$pool")
-  printf 'ceiling single  %s\n%15s %s\n' "$line" "" "$cores"
-  single=$(awk '{print $2}' <<<"$line")
-  { read -r line; read -r cores; } < <(ceiling CLIENTS="$batch_conc" BATCH="$batch_max")
-  printf 'ceiling batched %s\n%15s %s\n' "$line" "" "$cores"
-  batched=$(awk '{print $2}' <<<"$line")
+if [ "$ceiling_secs" != 0 ]; then
+  out=$(ceiling CLIENTS="$pool")
+  printf 'ceiling single  %s\n%15s %s\n' "${out%%$'\n'*}" "" "${out#*$'\n'}"
+  single=$(awk 'NR == 1 {print $2}' <<<"$out")
+  out=$(ceiling CLIENTS="$batch_conc" BATCH="$batch_max")
+  printf 'ceiling batched %s\n%15s %s\n' "${out%%$'\n'*}" "" "${out#*$'\n'}"
+  batched=$(awk 'NR == 1 {print $2}' <<<"$out")
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 metric() { curl -sf "http://$1/metrics" | awk -v m="$2" 'index($1, m) == 1 {s += $2} END {printf "%d", s}'; }
 sum_metric() { local t=0 a; for a in "${addrs[@]}"; do t=$((t + $(metric "$a" "$1"))); done; echo "$t"; }
-alive() { local p; for p in "${run_pids[@]}"; do [ -n "$(ps -o stat= -p "$p" | grep -v Z)" ] || { echo "agent exited" >&2; exit 1; }; done; }
+# Polled every 0.2 s while agents run, so without forking: its CPU is taken from the run.
+alive() {
+  local p stat
+  for p in "${run_pids[@]}"; do
+    stat=
+    { read -r stat </proc/"$p"/stat; } 2>/dev/null || true
+    stat=${stat##*) }
+    [ -n "$stat" ] && [ "${stat%% *}" != Z ] || { echo "agent exited" >&2; exit 1; }
+  done
+}
 ticks() { local t=0 p; for p in "${run_pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 
 # Starts K agents on TOPIC in a fresh group and schema (extra env as arguments).
@@ -102,8 +122,9 @@ measure() {
   local first t0 perf_pid=
   first=$(date +%s.%N) t0=$(ticks)
   python3 scripts/cores.py snap "$snaps/a0"
-  if [ -n "${PROFILE:-}" ] && [ "$label" = "${PROFILE_RUN:-batched}" ]; then
+  if [ -n "${PROFILE:-}" ] && [ "${label%% (*}" = "${PROFILE_RUN:-batched}" ]; then
     perf record -q -F 499 ${PERF_CALLGRAPH:--g} -p "${run_pids[0]}" -o "$PROFILE" 2>/dev/null & perf_pid=$!
+    profiled=1
   fi
   while [ "$(sum_metric persistence_agent_outcomes_total)" -lt "$n" ]; do alive; sleep 0.2; done
   local end t1 hwm=0 p
@@ -126,7 +147,9 @@ measure() {
     "$label" "$rate" "$(ratio "$rate" "$single" single)" "$(ratio "$rate" "$batched" batched)" \
     "$(echo "1000000 * ($t1 - $t0) / $(getconf CLK_TCK) / $n" | bc -l)" \
     "$(echo "1000 * $conflicts / $n" | bc -l)" "$size" "$(echo "$hwm / 1024" | bc -l)"
-  printf '%15s %s\n' "" "$(python3 scripts/cores.py diff "$snaps/a0" "$snaps/a1" "${run_pids[@]}")"
+  local cores
+  cores=$(python3 scripts/cores.py diff "$snaps/a0" "$snaps/a1" "${run_pids[@]}")
+  printf '%15s %s\n' "" "$cores"
 }
 
 loaded=bench.requests.$id
@@ -137,7 +160,7 @@ $agent produce --kafka-config batch.num.messages=1 --topic "$loaded" --sample \
   --count "$n" --users "$users" --format "$format"
 echo "loaded          $n requests ($format, $users users, 1-5 books, 6 partitions); pool $pool, BATCH_MAX $batch_max, BATCH_CONCURRENCY $batch_conc"
 
-rate=
+rate= profiled=
 for r in $runs; do
   case $r in
     # Unbatched, each worker runs its own transaction: as many workers as connections.
@@ -145,8 +168,10 @@ for r in $runs; do
     batched) measure batched 1; best=$rate ;;
     # The batched run with another build (ALT_AGENT) and/or settings (ALT_ENV), for an A/B in
     # one run; ALT_ENV="BATCH_MAX=1 WORKERS=16" makes it an unbatched one.
-    # shellcheck disable=SC2086 # ALT_ENV is a list of KEY=VALUE words
-    alt) run_agent=${ALT_AGENT:-} measure "alt" 1 ${ALT_ENV:-}; run_agent= ;;
+    alt)
+      read -ra alt_env <<<"${ALT_ENV:-}"
+      for kv in "${alt_env[@]}"; do [[ $kv == *=* ]] || { echo "ALT_ENV: $kv is not KEY=VALUE" >&2; exit 1; }; done
+      run_agent=${ALT_AGENT:-} measure "alt${ALT_ENV:+ ($ALT_ENV)}" 1 "${alt_env[@]}"; run_agent= ;;
     scale) measure "2 agents" 2; measure "4 agents" 4 ;;
     latency)
       # Half the batched rate (or of the last run), JSON so the script can match request ids.
@@ -167,3 +192,5 @@ for r in $runs; do
       echo "latency         $broker at $half records/s" ;;
   esac
 done
+[ -z "${PROFILE:-}" ] || [ -n "$profiled" ] ||
+  echo "PROFILE_RUN=${PROFILE_RUN:-batched} named no run of RUNS=\"$runs\": nothing profiled" >&2

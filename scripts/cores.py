@@ -5,17 +5,22 @@ database cannot have, so this is what bounds the agent's ratio to pgbench's ceil
 
   cores.py snap FILE            record every process's CPU time and the machine's totals
   cores.py diff A B [PID...]    cores used between snapshots A and B by postgres, the agent
-                                (PIDs), pgbench, the broker (tansu, or java for Apache Kafka)
-                                and everything else, and what stayed idle or was stolen by the
-                                hypervisor
+                                (PIDs), pgbench, the broker (tansu, or any java process, as for
+                                Apache Kafka) and everything else; what stayed idle, what the
+                                hypervisor stole, and what no living process accounts for
 
-A process that exited before the second snapshot is missed (its time is gone), so take both
-while the measured clients run; one born between them counts all its time. CORES_DEBUG=1 lists
-each process's ticks on stderr (to find what "other" was)."""
+"unaccounted" is CPU time of processes that started and exited inside the window (the bench's
+own curl and ps polls, short-lived backends, anything else on the host) plus kernel time no
+process is charged for; under heavy steal it can go negative, as processes' times then overlap
+the stolen time. A process born inside the window counts all its time. Take both snapshots
+while the measured clients run: a process that exited before the second is not seen.
+CORES_DEBUG=1 lists each process's ticks on stderr."""
 import json
 import os
 import sys
 import time
+
+GROUPS = ["postgres", "agent", "pgbench", "broker", "other"]
 
 
 def snap(path):
@@ -30,10 +35,11 @@ def snap(path):
             continue  # exited meanwhile
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        procs[pid] = [comm, int(fields[11]) + int(fields[12])]  # utime + stime
+        # utime + stime; the start time tells a reused pid from the process seen before.
+        procs[pid] = [comm, int(fields[11]) + int(fields[12]), fields[19]]
     with open("/proc/stat") as f:
         cpu = [int(v) for v in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal
+    # user nice system idle iowait irq softirq steal (guest time is inside user already)
     machine = {"idle": cpu[3] + cpu[4], "steal": cpu[7], "all": sum(cpu[:8])}
     with open(path, "w") as f:
         json.dump({"time": time.time(), "procs": procs, "machine": machine}, f)
@@ -42,7 +48,7 @@ def snap(path):
 def group(comm, pid, agents):
     if pid in agents:
         return "agent"
-    if comm == "postgres" or comm.startswith("postgres:"):
+    if comm == "postgres":
         return "postgres"
     if comm == "pgbench":
         return "pgbench"
@@ -58,16 +64,17 @@ def diff(a_path, b_path, agents):
         b = json.load(f)
     hz = os.sysconf("SC_CLK_TCK")
     secs = b["time"] - a["time"]
-    used = dict.fromkeys(["postgres", "agent", "pgbench", "broker", "other"], 0)
-    for pid, (comm, ticks) in b["procs"].items():
-        # One born in the window (a connection the agent opened late) used all of it there.
+    used = dict.fromkeys(GROUPS, 0)
+    for pid, (comm, ticks, started) in b["procs"].items():
         before = a["procs"].get(pid)
-        start = before[1] if before and before[0] == comm else 0
+        start = before[1] if before and before[2] == started else 0
         used[group(comm, pid, agents)] += ticks - start
-        if os.environ.get("CORES_DEBUG") and ticks - start > 0:
-            print(pid, comm, ticks - start, "new" if start == 0 else "", file=sys.stderr)
-    for k in ("idle", "steal"):
-        used[k] = b["machine"][k] - a["machine"][k]
+        if os.environ.get("CORES_DEBUG") and ticks > start:
+            print(pid, comm, ticks - start, "" if start else "born", file=sys.stderr)
+    machine = {k: b["machine"][k] - a["machine"][k] for k in ("idle", "steal", "all")}
+    accounted = sum(used.values()) + machine["idle"] + machine["steal"]
+    used["idle"], used["steal"] = machine["idle"], machine["steal"]
+    used["unaccounted"] = machine["all"] - accounted
     print("cores: " + ", ".join(f"{k} {v / hz / secs:.2f}" for k, v in used.items()))
 
 
@@ -77,4 +84,4 @@ if __name__ == "__main__":
     elif len(sys.argv) >= 4 and sys.argv[1] == "diff":
         diff(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     else:
-        sys.exit(__doc__)
+        sys.exit("usage: cores.py snap FILE | cores.py diff A B [PID...]")
