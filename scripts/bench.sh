@@ -58,15 +58,21 @@ at_exit cleanup
 # the foreground, so its failure or a Ctrl-C stops the bench at once.
 ceiling() {
   local line sampler
+  rm -f "$snaps/c0" "$snaps/c1" "$snaps/done"
   (
-    # This bench's own pgbench (its process group): another one on the host is not ours.
-    until pgrep -g 0 -x pgbench >/dev/null; do sleep 0.1; done
+    # This bench's pgbench (its process group), seen before the ceiling is over.
+    until pgrep -g 0 -x pgbench >/dev/null; do [ ! -e "$snaps/done" ] || exit 1; sleep 0.1; done
     sleep 1; python3 scripts/cores.py snap "$snaps/c0"
     sleep "$((ceiling_secs - 3))"; python3 scripts/cores.py snap "$snaps/c1"
-  ) & sampler=$!
+  ) >&2 & sampler=$!
+  # Its sleep would hold this function's output open: stopped with it.
   line=$(env "$@" USERS="$users" scripts/pgbench-ceiling.sh "$ceiling_secs" | grep '^pgbench ') ||
-    { kill "$sampler" 2>/dev/null; echo "pgbench ceiling ($*) failed" >&2; return 1; }
-  wait "$sampler"
+    { pkill -P "$sampler"; kill "$sampler" 2>/dev/null; echo "pgbench ceiling ($*) failed" >&2; return 1; }
+  touch "$snaps/done"
+  if ! wait "$sampler" || [ ! -e "$snaps/c1" ]; then
+    echo "no CPU sample of pgbench's run: pgrep -g 0 did not find it in this bench's process group" >&2
+    return 1
+  fi
   echo "$line"
   python3 scripts/cores.py diff "$snaps/c0" "$snaps/c1"
 }
