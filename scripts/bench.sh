@@ -29,9 +29,10 @@ n=${1:-100000}
 users=${USERS:-10000}
 format=${FORMAT:-mixed}
 runs=${RUNS:-unbatched batched scale latency}
+# The agent's defaults (src/ops/config/mod.rs) unless set: the ceilings run at the same.
 pool=${DATABASE_POOL_SIZE:-16}
 batch_max=${BATCH_MAX:-128}
-batch_conc=${BATCH_CONCURRENCY:-2}
+batch_conc=${BATCH_CONCURRENCY:-3}
 ceiling_secs=${CEILING_SECONDS:-20}
 # The cores are sampled a second into pgbench's run and 2 s before its end: shorter runs have
 # no window.
@@ -76,14 +77,17 @@ ceiling() {
   echo "$line"
   python3 scripts/cores.py diff "$snaps/c0" "$snaps/c1"
 }
+# Prints one ceiling's two lines under LABEL; sets $rate to its requests/s.
+show_ceiling() {
+  local label=$1 out; shift
+  out=$(ceiling "$@")
+  printf '%-15s %s\n%15s %s\n' "$label" "${out%%$'\n'*}" "" "${out#*$'\n'}"
+  rate=$(awk 'NR == 1 {print $2}' <<<"$out")
+}
 single= batched=
 if [ "$ceiling_secs" != 0 ]; then
-  out=$(ceiling CLIENTS="$pool")
-  printf 'ceiling single  %s\n%15s %s\n' "${out%%$'\n'*}" "" "${out#*$'\n'}"
-  single=$(awk 'NR == 1 {print $2}' <<<"$out")
-  out=$(ceiling CLIENTS="$batch_conc" BATCH="$batch_max")
-  printf 'ceiling batched %s\n%15s %s\n' "${out%%$'\n'*}" "" "${out#*$'\n'}"
-  batched=$(awk 'NR == 1 {print $2}' <<<"$out")
+  show_ceiling "ceiling single" CLIENTS="$pool"; single=$rate
+  show_ceiling "ceiling batched" CLIENTS="$batch_conc" BATCH="$batch_max"; batched=$rate
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

@@ -20,15 +20,18 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 pub const DEFAULT_STATEMENT_TIMEOUT: &str = "5s";
 pub const DEFAULT_TXN_BACKOFF: &str = "100ms,500ms,2000ms";
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
-/// Three times `DEFAULT_BATCH_MAX`: workers wait for their batch, so they are what fills it.
-pub const DEFAULT_WORKERS: usize = 384;
+/// Six times `DEFAULT_BATCH_MAX`: workers wait for their batch, so they are what fills the
+/// batches in flight and the next ones (with 384, three lanes sent batches of about 50).
+pub const DEFAULT_WORKERS: usize = 768;
 pub const DEFAULT_BATCH_MAX: usize = 128;
 pub const DEFAULT_BATCH_LINGER: &str = "2ms";
-/// Two batches at once: with each ledger row written once they rarely conflict, and two wrote
-/// 1.3-1.6x what one does, which leaves the database idle during its round trips
-/// (BENCHMARKS.md).
-pub const DEFAULT_BATCH_CONCURRENCY: usize = 2;
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+/// Three batches at once: one batch's COMMIT and round trip leave the database idle, and with
+/// each ledger row written once concurrent batches rarely conflict. Three, fed by the workers
+/// and in-flight bound below, wrote 8-13 % more than two did with 384 and 1,024 (two paired runs,
+/// BENCHMARKS.md); three with 384 and 1,024 wrote no more than two.
+pub const DEFAULT_BATCH_CONCURRENCY: usize = 3;
+/// Enough fetched work for `DEFAULT_WORKERS` workers to fill three lanes' batches.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 2048;
 pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 /// Short next to `max.poll.interval.ms` (300 s) and a rebalance, long next to a transaction.
 pub const DEFAULT_STALL_PAUSE_AFTER: &str = "2s";
