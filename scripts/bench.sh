@@ -29,7 +29,8 @@ n=${1:-100000}
 users=${USERS:-10000}
 format=${FORMAT:-mixed}
 runs=${RUNS:-unbatched batched scale latency}
-# The agent's defaults (src/ops/config/mod.rs) unless set: the ceilings run at the same.
+# The agent's defaults (src/ops/config/mod.rs) unless set: the ceilings run at the same. With
+# AGENT=<a build of other defaults>, set BATCH_CONCURRENCY (and the rest) to that build's.
 pool=${DATABASE_POOL_SIZE:-16}
 batch_max=${BATCH_MAX:-128}
 batch_conc=${BATCH_CONCURRENCY:-3}

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What the agent's database sessions are doing, sampled from pg_stat_activity during a run.
 
-    python3 scripts/lanes.py [SECONDS] [DATABASE_URL]    (defaults: 6, $DATABASE_URL)
+    python3 scripts/lanes.py [SECONDS] [DATABASE_URL]    (defaults: 6, $DATABASE_URL, else the
+                                                          local server on 5432)
 
 Waits (up to 5 minutes) for an agent session (application_name persistence-agent) to run the
 persist statement, then samples every few milliseconds for SECONDS and prints how often 0, 1, 2, ...
@@ -12,8 +13,10 @@ Start it just before `RUNS=batched scripts/bench.sh`. `BATCH_CONCURRENCY` sessio
 of the time, "active" with no wait event, means the batch lanes keep the database working and
 what is left to gain is CPU for PostgreSQL. Fewer busy sessions for long means lanes sit
 between batches: the workers (`WORKERS`, `MAX_IN_FLIGHT`) do not feed them. Many waits on the
-WAL mean the lanes contend at COMMIT. The sampler's own queries take a little CPU from the
-run. Needs psycopg2 (`pip install psycopg2-binary`).
+WAL mean the lanes contend at COMMIT. It counts every session of that application name on the
+server (other agents, the retry consumer), and sees their state only as a superuser, the agents'
+role or a member of pg_read_all_stats. Its queries cost the run CPU: runs with it sampling wrote
+5-10 % less (BENCHMARKS.md). Needs psycopg2 (`pip install psycopg2-binary`).
 """
 import collections
 import os
@@ -34,9 +37,9 @@ QUERY = r"""SELECT state, coalesce(wait_event_type || ':' || wait_event, '-'),
 
 def main():
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 6.0
-    url = sys.argv[2] if len(sys.argv) > 2 else os.environ.get("DATABASE_URL")
-    if not url:
-        sys.exit("lanes.py: no DATABASE_URL")
+    # The local server, as scripts/lib.sh falls back to (not its throwaway cluster).
+    url = sys.argv[2] if len(sys.argv) > 2 else os.environ.get(
+        "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
     conn = psycopg2.connect(url, application_name="lanes.py")
     conn.autocommit = True
     cur = conn.cursor()

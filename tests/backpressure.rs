@@ -105,7 +105,7 @@ async fn the_byte_bound_holds_large_messages_back() {
         size = payload.len() + user.len();
         env.produce(&user, payload.as_bytes()).await;
     }
-    // About four messages' worth: the count bound (1,024) is never the one that holds.
+    // About four messages' worth: the count bound (2,048) is never the one that holds.
     let bound = 4 * size;
     let bytes = format!("--max-in-flight-bytes={bound}");
     let args = [bytes.as_str(), "--workers=8", "--stall-pause-after=60s"];

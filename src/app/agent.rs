@@ -94,6 +94,16 @@ impl Agent {
                  outage); raise DATABASE_POOL_SIZE to run them all at once"
             );
         }
+        // Lanes holding every connection leave none for a failed batch's requests (each written
+        // alone), claims and parking: those wait out the pool's timeout instead.
+        if args.batch_max > 1 && args.batch_concurrency >= args.db.database_pool_size {
+            tracing::warn!(
+                batch_concurrency = args.batch_concurrency,
+                pool = args.db.database_pool_size,
+                "batch transactions can hold every pooled connection; keep BATCH_CONCURRENCY \
+                 below DATABASE_POOL_SIZE"
+            );
+        }
         if args.retry.order_by_key {
             tokio::spawn(reaper(
                 pipeline.clone(),
