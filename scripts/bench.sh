@@ -78,17 +78,17 @@ ceiling() {
   echo "$line"
   python3 scripts/cores.py diff "$snaps/c0" "$snaps/c1"
 }
-# Prints one ceiling's two lines under LABEL; sets $rate to its requests/s.
+# Prints one ceiling's two lines under LABEL; sets the variable named VAR to its requests/s.
 show_ceiling() {
-  local label=$1 out; shift
+  local var=$1 label=$2 out; shift 2
   out=$(ceiling "$@")
   printf '%-15s %s\n%15s %s\n' "$label" "${out%%$'\n'*}" "" "${out#*$'\n'}"
-  rate=$(awk 'NR == 1 {print $2}' <<<"$out")
+  printf -v "$var" '%s' "$(awk 'NR == 1 {print $2}' <<<"$out")"
 }
 single= batched=
 if [ "$ceiling_secs" != 0 ]; then
-  show_ceiling "ceiling single" CLIENTS="$pool"; single=$rate
-  show_ceiling "ceiling batched" CLIENTS="$batch_conc" BATCH="$batch_max"; batched=$rate
+  show_ceiling single "ceiling single" CLIENTS="$pool"
+  show_ceiling batched "ceiling batched" CLIENTS="$batch_conc" BATCH="$batch_max"
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -104,7 +104,6 @@ alive() {
     [ -n "$stat" ] && [ "${stat%% *}" != Z ] || { echo "agent exited" >&2; exit 1; }
   done
 }
-ticks() { local t=0 p; for p in "${run_pids[@]}"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 
 # Starts K agents on TOPIC in a fresh group and schema (extra env as arguments).
 start_agents() {
@@ -130,16 +129,16 @@ measure() {
   start_agents "$k" "$loaded" "$@"
   # Timed from the first outcome: the group join (seconds on tansu) is not throughput.
   while [ "$(sum_metric persistence_agent_outcomes_total)" -lt 1 ]; do alive; sleep 0.05; done
-  local first t0 perf_pid=
-  first=$(date +%s.%N) t0=$(ticks)
+  local first perf_pid=
+  first=$(date +%s.%N)
   python3 scripts/cores.py snap "$snaps/a0"
   if [ -n "${PROFILE:-}" ] && [ "${label%% (*}" = "${PROFILE_RUN:-batched}" ]; then
     perf record -q -F 499 ${PERF_CALLGRAPH:--g} -p "${run_pids[0]}" -o "$PROFILE" 2>/dev/null & perf_pid=$!
     profiled=1
   fi
   while [ "$(sum_metric persistence_agent_outcomes_total)" -lt "$n" ]; do alive; sleep 0.2; done
-  local end t1 hwm=0 p
-  end=$(date +%s.%N) t1=$(ticks)
+  local end hwm=0 p
+  end=$(date +%s.%N)
   python3 scripts/cores.py snap "$snaps/a1"
   [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
   [ -z "${METRICS_DUMP:-}" ] || curl -sf "http://${addrs[0]}/metrics" > "$METRICS_DUMP.$label" || true
@@ -156,7 +155,7 @@ measure() {
   rate=$(echo "$n / ($end - $first)" | bc -l)
   printf '%-15s %6.0f requests/s%s%s, CPU %3.0f us/request, %4.1f conflicts/1000, mean batch %.1f, peak RSS %.1f MiB\n' \
     "$label" "$rate" "$(ratio "$rate" "$single" single)" "$(ratio "$rate" "$batched" batched)" \
-    "$(echo "1000000 * ($t1 - $t0) / $(getconf CLK_TCK) / $n" | bc -l)" \
+    "$(echo "1000000 * $(python3 scripts/cores.py cpu "$snaps/a0" "$snaps/a1" "${run_pids[@]}") / $n" | bc -l)" \
     "$(echo "1000 * $conflicts / $n" | bc -l)" "$size" "$(echo "$hwm / 1024" | bc -l)"
   local cores
   cores=$(python3 scripts/cores.py diff "$snaps/a0" "$snaps/a1" "${run_pids[@]}")

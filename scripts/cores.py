@@ -8,6 +8,7 @@ database cannot have, so this is what bounds the agent's ratio to pgbench's ceil
                                 (PIDs), pgbench, the broker (tansu, or any java process, as for
                                 Apache Kafka) and everything else; what stayed idle, what the
                                 hypervisor stole, and what no living process accounts for
+  cores.py cpu A B PID...       CPU seconds the PIDs used between snapshots A and B
 
 "unaccounted" is CPU time of processes that started and exited inside the window (the bench's
 own curl and ps polls, short-lived backends, anything else on the host) plus kernel time no
@@ -57,13 +58,13 @@ def group(comm, pid, agents):
     return "other"
 
 
-def diff(a_path, b_path, agents):
-    with open(a_path) as f:
-        a = json.load(f)
-    with open(b_path) as f:
-        b = json.load(f)
-    hz = os.sysconf("SC_CLK_TCK")
-    secs = b["time"] - a["time"]
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def ticks_by_group(a, b, agents):
+    """CPU ticks each group used between snapshots a and b."""
     used = dict.fromkeys(GROUPS, 0)
     for pid, (comm, ticks, started) in b["procs"].items():
         before = a["procs"].get(pid)
@@ -71,6 +72,14 @@ def diff(a_path, b_path, agents):
         used[group(comm, pid, agents)] += ticks - start
         if os.environ.get("CORES_DEBUG") and ticks > start:
             print(pid, comm, ticks - start, "" if start else "born", file=sys.stderr)
+    return used
+
+
+def diff(a_path, b_path, agents):
+    a, b = load(a_path), load(b_path)
+    hz = os.sysconf("SC_CLK_TCK")
+    secs = b["time"] - a["time"]
+    used = ticks_by_group(a, b, agents)
     machine = {k: b["machine"][k] - a["machine"][k] for k in ("idle", "steal", "all")}
     accounted = sum(used.values()) + machine["idle"] + machine["steal"]
     used["idle"], used["steal"] = machine["idle"], machine["steal"]
@@ -78,10 +87,17 @@ def diff(a_path, b_path, agents):
     print("cores: " + ", ".join(f"{k} {v / hz / secs:.2f}" for k, v in used.items()))
 
 
+def cpu(a_path, b_path, agents):
+    used = ticks_by_group(load(a_path), load(b_path), agents)
+    print(f"{used['agent'] / os.sysconf('SC_CLK_TCK'):.2f}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "snap":
         snap(sys.argv[2])
     elif len(sys.argv) >= 4 and sys.argv[1] == "diff":
         diff(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
+    elif len(sys.argv) >= 5 and sys.argv[1] == "cpu":
+        cpu(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     else:
-        sys.exit("usage: cores.py snap FILE | cores.py diff A B [PID...]")
+        sys.exit("usage: cores.py snap FILE | cores.py diff A B [PID...] | cores.py cpu A B PID...")
