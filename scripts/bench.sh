@@ -8,17 +8,23 @@
 #     consumer group and database schema: unbatched (BATCH_MAX=1), batched (defaults), and
 #     the batched agent scaled out to 2 and 4 members of one group;
 #  3. latency: JSON requests produced at half the batched rate, produce-to-result percentiles,
-#     and the broker's own one-hop latency at the same rate (scripts/broker-latency.py).
+#     and the broker's own one-hop latency at the same rate (scripts/broker-latency.py); then
+#     latency-mock, the same on librdkafka's mock cluster (examples/mock_broker.rs) with a
+#     5 ms fetch wait, where tansu holds each fetch 500 ms: what the agent itself adds.
 # Each run prints requests/s, its ratio to the ceilings, CPU per request, conflict retries per
 # 1,000 and peak RSS, and (scripts/cores.py) the cores PostgreSQL, the clients and the broker
 # used meanwhile: on a shared machine what the agent and the broker use, PostgreSQL cannot.
 #   scripts/bench.sh [N]   N=100000 USERS=10000 FORMAT=mixed CEILING_SECONDS=20 (0 skips them)
-#                          RUNS="unbatched batched scale latency" (also: alt, the batched run with
-#                          ALT_AGENT=<binary> and/or ALT_ENV="KEY=VALUE ..." agent settings)
+#                          RUNS="unbatched batched scale latency latency-mock" (also: alt, the
+#                          batched run with ALT_AGENT=<binary> and/or ALT_ENV="KEY=VALUE ..."
+#                          agent settings)
 #                          PROFILE=<perf.data> (perf samples the run labelled PROFILE_RUN, default
 #                          batched; PERF_CALLGRAPH="--call-graph dwarf" for stacks through code
 #                          without frame pointers; the profiled run's CPU figures include perf's),
 #                          METRICS_DUMP=<prefix> (the first agent's /metrics after each run),
+#                          LATENCY_RATE=<requests/s> (instead of half the batched rate),
+#                          MOCK_BROKER=<binary> (else a release build of examples/mock_broker),
+#                          MOCK_FETCH_WAIT_MS=5 (fetch.wait.max.ms of latency-mock's consumers),
 #                          AGENT=<binary> (else a release build); DATABASE_URL / KAFKA_BROKERS as
 #                          scripts/test.sh. Agent settings (BATCH_MAX, WORKERS, ...) pass through
 #                          the environment.
@@ -28,7 +34,7 @@ source scripts/lib.sh
 n=${1:-100000}
 users=${USERS:-10000}
 format=${FORMAT:-mixed}
-runs=${RUNS:-unbatched batched scale latency}
+runs=${RUNS:-unbatched batched scale latency latency-mock}
 # The agent's defaults (src/ops/config/mod.rs) unless set: the ceilings run at the same. With
 # AGENT=<a build of other defaults>, set BATCH_CONCURRENCY (and the rest) to that build's.
 pool=${DATABASE_POOL_SIZE:-16}
@@ -162,6 +168,48 @@ measure() {
   printf '%15s %s\n' "" "$cores"
 }
 
+# Produce-to-result latency on BROKERS for 20 s (on the mock cluster, less above 1,800/s) at
+# half the batched rate (or of the last run; or at LATENCY_RATE requests/s), JSON so
+# latency.py can match request ids; then the broker alone, one hop, at the same rate: the
+# measured path holds one such hop (a result's timestamp is taken when the agent produces it).
+# Args: LABEL BROKERS TOPIC RESULTS HOP_TOPIC [env of the agent and the one-hop consumer]. The
+# topics are created here when HOP_TOPIC is empty, else (a broker without CreateTopics) they
+# exist, HOP_TOPIC among them.
+latency() {
+  local label=$1 brokers=$2 topic=$3 results=$4 hop_topic=$5; shift 5
+  local half secs=20 count line broker
+  half=${LATENCY_RATE:-$(printf '%.0f' "$(echo "${best:-${rate:-1000}} / 2" | bc -l)")}
+  [[ $half =~ ^[1-9][0-9]*$ ]] || { echo "latency rate $half is not a whole number of requests/s" >&2; return 1; }
+  # The mock cluster keeps 5 MB a partition (about 7,000 requests): what latency.py reads
+  # afterwards must still be there. (Read while the load runs instead, its fetches make the
+  # mock's linear search of its log cost more than the agent: worse figures, not truer ones.)
+  [ -z "$hop_topic" ] || secs=$(( 36000 / half < 20 ? 36000 / half : 20 ))
+  [ "$secs" -ge 5 ] || { echo "LATENCY_RATE $half is above what the mock cluster keeps for 5 s" >&2; return 1; }
+  count=$((half * secs))
+  [ -n "$hop_topic" ] || KAFKA_BROKERS=$brokers $agent topics --partitions 6 "$topic" "$results" >/dev/null
+  start_agents 1 "$topic" KAFKA_BROKERS="$brokers" KAFKA_RESULTS_TOPIC="$results" "$@"
+  # Steady state, not the group join: requests produced before the agent holds its partitions
+  # would wait for the join (seconds on the mock cluster).
+  until curl -sf "http://${addrs[0]}/readyz" >/dev/null; do alive; sleep 0.1; done
+  # linger.ms=1: one record per produce request could not keep up at 3,000/s on tansu (and
+  # at half rate the agent does not pause, so the multi-record batch stall above is moot).
+  KAFKA_BROKERS=$brokers $agent produce --kafka-config linger.ms=1 --topic "$topic" --sample \
+    --count "$count" --users "$users" --format json --rate "$half" >/dev/null &
+  local gen=$!
+  pids+=("$gen")
+  # The cores while the load runs (the generator's among "other"): how much of the machine
+  # the agent at this rate leaves idle.
+  sleep 1; python3 scripts/cores.py snap "$snaps/l0"
+  sleep "$((secs - 3))"; python3 scripts/cores.py snap "$snaps/l1"
+  wait "$gen"
+  line=$(python3 scripts/latency.py "$brokers" "$topic" "$results" "$count")
+  printf '%-15s %s at %s requests/s\n' "$label" "$line" "$half"
+  printf '%15s %s\n' "" "$(python3 scripts/cores.py diff "$snaps/l0" "$snaps/l1" "${run_pids[@]}")"
+  stop_agents
+  broker=$(env "$@" python3 scripts/broker-latency.py "$brokers" "$half" "$secs" ${hop_topic:+"$hop_topic"})
+  printf '%-15s %s at %s records/s\n' "$label" "$broker" "$half"
+}
+
 loaded=bench.requests.$id
 $agent topics --partitions 6 "$loaded" "$KAFKA_RESULTS_TOPIC" >/dev/null
 # One record per batch: tansu 0.6 answers a fetch that starts inside a multi-record batch with
@@ -183,23 +231,20 @@ for r in $runs; do
       for kv in "${alt_env[@]}"; do [[ $kv == *=* ]] || { echo "ALT_ENV: $kv is not KEY=VALUE" >&2; exit 1; }; done
       run_agent=${ALT_AGENT:-} measure "alt${ALT_ENV:+ ($ALT_ENV)}" 1 "${alt_env[@]}"; run_agent= ;;
     scale) measure "2 agents" 2; measure "4 agents" 4 ;;
-    latency)
-      # Half the batched rate (or of the last run), JSON so the script can match request ids.
-      half=$(printf '%.0f' "$(echo "${best:-${rate:-1000}} / 2" | bc -l)")
-      topic=bench.latency.$id count=$((half * 20))
-      $agent topics --partitions 6 "$topic" "bench.latency-results.$id" >/dev/null
-      start_agents 1 "$topic" KAFKA_RESULTS_TOPIC=bench.latency-results.$id
-      # linger.ms=1: one record per produce request could not keep up at 3,000/s on tansu (and
-      # at half rate the agent does not pause, so the multi-record batch stall above is moot).
-      $agent produce --kafka-config linger.ms=1 --topic "$topic" --sample \
-        --count "$count" --users "$users" --format json --rate "$half" >/dev/null
-      line=$(python3 scripts/latency.py "$KAFKA_BROKERS" "$topic" "bench.latency-results.$id" "$count")
-      stop_agents
-      echo "latency         $line at $half requests/s"
-      # The broker's own share: the measured path holds one produce-to-consume hop (a result's
-      # timestamp is taken when the agent produces it), measured alone at the same rate.
-      broker=$(python3 scripts/broker-latency.py "$KAFKA_BROKERS" "$half" 20)
-      echo "latency         $broker at $half records/s" ;;
+    latency) latency latency "$KAFKA_BROKERS" bench.latency.$id bench.latency-results.$id "" ;;
+    # The same on librdkafka's mock cluster: what the agent itself adds. Like tansu it holds a
+    # fetch that finds nothing for the whole fetch.wait.max.ms, even as data arrives (Apache
+    # Kafka answers once data is there), so its consumers wait MOCK_FETCH_WAIT_MS (5) at most.
+    latency-mock)
+      t=bench.latency-mock.$id hop=bench.broker-latency-mock.$id
+      [ -n "${MOCK_BROKER:-}" ] || cargo build --release --locked --example mock_broker >&2
+      exec {mock_fd}< <(exec "${MOCK_BROKER:-target/release/examples/mock_broker}" "$t:6" \
+        "bench.latency-mock-results.$id:6" "$t.retry.5m:6" "$t.retry.30m:6" "$t.retry.2h:6" \
+        "$t.dlq:6" "$hop:6")
+      pids+=($!)
+      read -r mock <&"$mock_fd" || { echo "the mock broker did not start" >&2; exit 1; }
+      latency latency-mock "$mock" "$t" "bench.latency-mock-results.$id" "$hop" \
+        CREATE_RETRY_TOPICS=false "KAFKA_CONFIG_fetch.wait.max.ms=${MOCK_FETCH_WAIT_MS:-5}" ;;
   esac
 done
 [ -z "${PROFILE:-}" ] || [ -n "$profiled" ] ||

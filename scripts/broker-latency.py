@@ -6,7 +6,10 @@ the benchmark's load is (linger.ms=1), and consumed with the agent's fetch wait
 (KAFKA_CONFIG_fetch.wait.max.ms, librdkafka's 500 ms when unset); each record's latency is its
 arrival at the consumer minus its Kafka timestamp.
 
-    scripts/broker-latency.py BROKERS RATE SECONDS
+    scripts/broker-latency.py BROKERS RATE SECONDS [TOPIC]
+
+TOPIC: a 6-partition topic that exists already (for a broker without CreateTopics, such as
+librdkafka's mock cluster); else a new one is created.
 
 Prints one line: "broker only: p50 <ms> ms, p95 <ms> ms, p99 <ms> ms, max <ms> ms (<n> records)".
 """
@@ -24,9 +27,12 @@ from latency import summary
 
 def main():
     brokers, rate, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    topic = "bench.broker-latency." + uuid.uuid4().hex[:8]
-    admin = AdminClient({"bootstrap.servers": brokers})
-    admin.create_topics([NewTopic(topic, 6, 1)])[topic].result()
+    if len(sys.argv) > 4:
+        topic = sys.argv[4]
+    else:
+        topic = "bench.broker-latency." + uuid.uuid4().hex[:8]
+        admin = AdminClient({"bootstrap.servers": brokers})
+        admin.create_topics([NewTopic(topic, 6, 1)])[topic].result()
     consumer = Consumer({
         "bootstrap.servers": brokers,
         "group.id": topic,

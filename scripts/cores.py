@@ -5,8 +5,8 @@ database cannot have, so this is what bounds the agent's ratio to pgbench's ceil
 
   cores.py snap FILE            record every process's CPU time and the machine's totals
   cores.py diff A B [PID...]    cores used between snapshots A and B by postgres, the agent
-                                (PIDs), pgbench, the broker (tansu, or any java process, as for
-                                Apache Kafka) and everything else; what stayed idle, what the
+                                (PIDs), pgbench, the broker (tansu, the bench's mock_broker, or
+                                any java process, as for Apache Kafka) and everything else; what stayed idle, what the
                                 hypervisor stole, and what no living process accounts for
   cores.py cpu A B PID...       CPU seconds the PIDs used between snapshots A and B
 
@@ -53,7 +53,7 @@ def group(comm, pid, agents):
         return "postgres"
     if comm == "pgbench":
         return "pgbench"
-    if comm in ("tansu", "java"):
+    if comm in ("tansu", "java", "mock_broker"):
         return "broker"
     return "other"
 
