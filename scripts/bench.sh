@@ -24,7 +24,10 @@
 #                          METRICS_DUMP=<prefix> (the first agent's /metrics after each run),
 #                          LATENCY_RATE=<requests/s> (instead of half the batched rate),
 #                          MOCK_BROKER=<binary> (else a release build of examples/mock_broker),
-#                          MOCK_FETCH_WAIT_MS=5 (fetch.wait.max.ms of latency-mock's consumers),
+#                          MOCK_FETCH_WAIT_MS=5 (fetch.wait.max.ms of latency-mock's consumers;
+#                          its tier and dead-letter topics are made for the default RETRY_DELAYS,
+#                          DLQ_TOPIC and RETRY_TOPICS; for latency-mock alone, N=1000 and
+#                          CEILING_SECONDS=0 cut the load and ceilings it does not use),
 #                          AGENT=<binary> (else a release build); DATABASE_URL / KAFKA_BROKERS as
 #                          scripts/test.sh. Agent settings (BATCH_MAX, WORKERS, ...) pass through
 #                          the environment.
@@ -180,17 +183,21 @@ latency() {
   local half secs=20 count line broker
   half=${LATENCY_RATE:-$(printf '%.0f' "$(echo "${best:-${rate:-1000}} / 2" | bc -l)")}
   [[ $half =~ ^[1-9][0-9]*$ ]] || { echo "latency rate $half is not a whole number of requests/s" >&2; return 1; }
-  # The mock cluster keeps 5 MB a partition (about 7,000 requests): what latency.py reads
-  # afterwards must still be there. (Read while the load runs instead, its fetches make the
+  # The mock cluster (the caller that gives HOP_TOPIC) keeps 5 MB a partition, about 7,000
+  # requests, 42,000 over six: what latency.py reads afterwards must still be there. (Read while the load runs instead, its fetches make the
   # mock's linear search of its log cost more than the agent: worse figures, not truer ones.)
   [ -z "$hop_topic" ] || secs=$(( 36000 / half < 20 ? 36000 / half : 20 ))
-  [ "$secs" -ge 5 ] || { echo "LATENCY_RATE $half is above what the mock cluster keeps for 5 s" >&2; return 1; }
+  [ "$secs" -ge 5 ] || { echo "latency rate $half is above what the mock cluster keeps for 5 s" >&2; return 1; }
   count=$((half * secs))
   [ -n "$hop_topic" ] || KAFKA_BROKERS=$brokers $agent topics --partitions 6 "$topic" "$results" >/dev/null
   start_agents 1 "$topic" KAFKA_BROKERS="$brokers" KAFKA_RESULTS_TOPIC="$results" "$@"
   # Steady state, not the group join: requests produced before the agent holds its partitions
   # would wait for the join (seconds on the mock cluster).
-  until curl -sf "http://${addrs[0]}/readyz" >/dev/null; do alive; sleep 0.1; done
+  local joined=$((SECONDS + 60))
+  until curl -sf "http://${addrs[0]}/readyz" >/dev/null; do
+    alive; sleep 0.1
+    [ "$SECONDS" -lt "$joined" ] || { echo "the agent did not join its group in 60 s" >&2; return 1; }
+  done
   # linger.ms=1: one record per produce request could not keep up at 3,000/s on tansu (and
   # at half rate the agent does not pause, so the multi-record batch stall above is moot).
   KAFKA_BROKERS=$brokers $agent produce --kafka-config linger.ms=1 --topic "$topic" --sample \
@@ -241,10 +248,13 @@ for r in $runs; do
       exec {mock_fd}< <(exec "${MOCK_BROKER:-target/release/examples/mock_broker}" "$t:6" \
         "bench.latency-mock-results.$id:6" "$t.retry.5m:6" "$t.retry.30m:6" "$t.retry.2h:6" \
         "$t.dlq:6" "$hop:6")
-      pids+=($!)
-      read -r mock <&"$mock_fd" || { echo "the mock broker did not start" >&2; exit 1; }
+      mock_pid=$!
+      pids+=("$mock_pid")
+      read -r -t 30 mock <&"$mock_fd" || { echo "the mock broker did not start in 30 s" >&2; exit 1; }
       latency latency-mock "$mock" "$t" "bench.latency-mock-results.$id" "$hop" \
-        CREATE_RETRY_TOPICS=false "KAFKA_CONFIG_fetch.wait.max.ms=${MOCK_FETCH_WAIT_MS:-5}" ;;
+        CREATE_RETRY_TOPICS=false "KAFKA_CONFIG_fetch.wait.max.ms=${MOCK_FETCH_WAIT_MS:-5}"
+      # Not in a later run's cores.
+      kill "$mock_pid"; wait "$mock_pid" 2>/dev/null || true; exec {mock_fd}<&- ;;
   esac
 done
 [ -z "${PROFILE:-}" ] || [ -n "$profiled" ] ||

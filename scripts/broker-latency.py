@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The broker's own latency, one hop, for comparison with the agent's produce-to-result
 latency, which holds one such hop (request in; a result's timestamp is taken when the agent
-produces it): RATE records/s of 1 kB for SECONDS s into a new 6-partition topic, produced as
+produces it): RATE records/s of 1 kB for SECONDS s into a 6-partition topic, produced as
 the benchmark's load is (linger.ms=1), and consumed with the agent's fetch wait
 (KAFKA_CONFIG_fetch.wait.max.ms, librdkafka's 500 ms when unset); each record's latency is its
 arrival at the consumer minus its Kafka timestamp.

@@ -5,9 +5,10 @@ database cannot have, so this is what bounds the agent's ratio to pgbench's ceil
 
   cores.py snap FILE            record every process's CPU time and the machine's totals
   cores.py diff A B [PID...]    cores used between snapshots A and B by postgres, the agent
-                                (PIDs), pgbench, the broker (tansu, the bench's mock_broker, or
-                                any java process, as for Apache Kafka) and everything else; what stayed idle, what the
-                                hypervisor stole, and what no living process accounts for
+                                (PIDs), pgbench, the broker (tansu, the bench's mock_broker,
+                                or any java process, as for Apache Kafka) and everything else;
+                                what stayed idle, what the hypervisor stole, and what no
+                                living process accounts for
   cores.py cpu A B PID...       CPU seconds the PIDs used between snapshots A and B
 
 "unaccounted" is CPU time of processes that started and exited inside the window (the bench's
@@ -53,7 +54,8 @@ def group(comm, pid, agents):
         return "postgres"
     if comm == "pgbench":
         return "pgbench"
-    if comm in ("tansu", "java", "mock_broker"):
+    # comm is cut at 15 characters: a MOCK_BROKER copy named mock_broker-<hash> too.
+    if comm in ("tansu", "java") or comm.startswith("mock_broker"):
         return "broker"
     return "other"
 

@@ -53,8 +53,8 @@ def main():
     if not lat:
         sys.exit("latency: no request matched a result")
     if len(lat) < count:
-        # A broker that dropped the oldest records (the mock cluster keeps 5 MB a partition)
-        # leaves the early requests out: the figures are of the later ones only.
+        # A broker that dropped the oldest records (the mock cluster keeps 5 MB a partition) or
+        # lost some leaves requests out: the figures are of the rest only.
         print(f"latency: only {len(lat)} of {count} requests matched a result", file=sys.stderr)
     print(f"latency {summary(lat, 'requests')}")
 
