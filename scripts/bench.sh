@@ -194,7 +194,7 @@ latency() {
   # Steady state, not the group join: requests produced before the agent holds its partitions
   # would wait for the join (seconds on the mock cluster).
   local joined=$((SECONDS + 60))
-  until curl -sf "http://${addrs[0]}/readyz" >/dev/null; do
+  until curl -sf --max-time 2 "http://${addrs[0]}/readyz" >/dev/null; do
     alive; sleep 0.1
     [ "$SECONDS" -lt "$joined" ] || { echo "the agent did not join its group in 60 s" >&2; return 1; }
   done
@@ -254,7 +254,8 @@ for r in $runs; do
       latency latency-mock "$mock" "$t" "bench.latency-mock-results.$id" "$hop" \
         CREATE_RETRY_TOPICS=false "KAFKA_CONFIG_fetch.wait.max.ms=${MOCK_FETCH_WAIT_MS:-5}"
       # Not in a later run's cores.
-      kill "$mock_pid"; wait "$mock_pid" 2>/dev/null || true; exec {mock_fd}<&- ;;
+      kill "$mock_pid" 2>/dev/null || true; wait "$mock_pid" 2>/dev/null || true
+      exec {mock_fd}<&- ;;
   esac
 done
 [ -z "${PROFILE:-}" ] || [ -n "$profiled" ] ||

@@ -90,9 +90,10 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-// glibc's malloc and free were about 30 % of the batched agent's CPU in a perf profile:
-// jemalloc, as Vector uses, took its CPU per request from 58-78 to 54-56 us in four paired
-// runs at the same peak RSS (BENCHMARKS.md, fourth session).
+// glibc's malloc and free were about 29 % of the batched agent's CPU in a perf profile;
+// jemalloc, as Vector ships, cut the agent's cores by about a sixth in alternating bench runs,
+// peak RSS within the same range (BENCHMARKS.md, fourth session). Prefixed on Linux: only
+// Rust allocations use it, librdkafka keeps glibc's malloc.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
