@@ -127,7 +127,16 @@ start_agents() {
       HTTP_ADDR=$addr "$@" "${run_agent:-$agent}" run &
     run_pids+=($!) pids+=($!) addrs+=("$addr")
   done
-  local a; for a in "${addrs[@]}"; do until curl -sf "http://$a/healthz" >/dev/null; do alive; sleep 0.1; done; done
+  local a; for a in "${addrs[@]}"; do answers "http://$a/healthz" "answer"; done
+}
+# Waits until URL answers 200 (WHAT names the wait in the error), 60 s at most, while the
+# agents live.
+answers() {
+  local deadline=$((SECONDS + 60))
+  until curl -sf --max-time 2 "$1" >/dev/null; do
+    alive; sleep 0.1
+    [ "$SECONDS" -lt "$deadline" ] || { echo "the agent did not $2 in 60 s" >&2; return 1; }
+  done
 }
 stop_agents() { local p; for p in "${run_pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done; }
 ratio() { [ -n "$2" ] && printf ' = %.2fx %s' "$(echo "$1 / $2" | bc -l)" "$3"; }
@@ -184,8 +193,9 @@ latency() {
   half=${LATENCY_RATE:-$(printf '%.0f' "$(echo "${best:-${rate:-1000}} / 2" | bc -l)")}
   [[ $half =~ ^[1-9][0-9]*$ ]] || { echo "latency rate $half is not a whole number of requests/s" >&2; return 1; }
   # The mock cluster (the caller that gives HOP_TOPIC) keeps 5 MB a partition, about 7,000
-  # requests, 42,000 over six: what latency.py reads afterwards must still be there. (Read while the load runs instead, its fetches make the
-  # mock's linear search of its log cost more than the agent: worse figures, not truer ones.)
+  # requests, 42,000 over six: what latency.py reads afterwards must still be there. (Read
+  # while the load runs instead, its fetches make the mock's linear search of its log cost
+  # more than the agent: worse figures, not truer ones.)
   [ -z "$hop_topic" ] || secs=$(( 36000 / half < 20 ? 36000 / half : 20 ))
   [ "$secs" -ge 5 ] || { echo "latency rate $half is above what the mock cluster keeps for 5 s" >&2; return 1; }
   count=$((half * secs))
@@ -193,11 +203,7 @@ latency() {
   start_agents 1 "$topic" KAFKA_BROKERS="$brokers" KAFKA_RESULTS_TOPIC="$results" "$@"
   # Steady state, not the group join: requests produced before the agent holds its partitions
   # would wait for the join (seconds on the mock cluster).
-  local joined=$((SECONDS + 60))
-  until curl -sf --max-time 2 "http://${addrs[0]}/readyz" >/dev/null; do
-    alive; sleep 0.1
-    [ "$SECONDS" -lt "$joined" ] || { echo "the agent did not join its group in 60 s" >&2; return 1; }
-  done
+  answers "http://${addrs[0]}/readyz" "join its group"
   # linger.ms=1: one record per produce request could not keep up at 3,000/s on tansu (and
   # at half rate the agent does not pause, so the multi-record batch stall above is moot).
   KAFKA_BROKERS=$brokers $agent produce --kafka-config linger.ms=1 --topic "$topic" --sample \

@@ -239,6 +239,12 @@ fn poison(rng: &mut fastrand::Rng, seq: u64, users: u32) -> (String, Vec<u8>) {
     (req.user_id, payload)
 }
 
+/// Waits for a record's acknowledgement; Err when the broker refused it.
+async fn acked(delivery: rdkafka::producer::DeliveryFuture) -> anyhow::Result<()> {
+    delivery.await?.map_err(|(e, _)| e)?;
+    Ok(())
+}
+
 pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
     // Fails in seconds with the address, rather than after every record's 30 s timeout.
     kafka_health::probe(&args.kafka, kafka_health::PROBE_TIMEOUT).await?;
@@ -286,13 +292,13 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
             // (connections, metadata, an idempotent producer's id) would otherwise hold the
             // records due meanwhile and release them as one burst.
             let first = pending.pop_front().expect("just sent");
-            first.await?.map_err(|(e, _)| e)?;
+            acked(first).await?;
             started = Instant::now();
         }
         // Bounded memory when publishing forever.
         while pending.len() > 1000 {
             let delivery = pending.pop_front().expect("non-empty");
-            delivery.await?.map_err(|(e, _)| e)?;
+            acked(delivery).await?;
         }
         i += 1;
         if args.rate > 0.0 {
@@ -301,7 +307,7 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
         }
     }
     for delivery in pending {
-        delivery.await?.map_err(|(e, _)| e)?;
+        acked(delivery).await?;
     }
     let secs = started.elapsed().as_secs_f64();
     println!("published {count} requests to {} in {secs:.2}s", args.topic);
