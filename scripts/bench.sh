@@ -10,7 +10,9 @@
 #  3. latency: JSON requests produced at half the batched rate, produce-to-result percentiles,
 #     and the broker's own one-hop latency at the same rate (scripts/broker-latency.py); then
 #     latency-mock, the same on librdkafka's mock cluster (examples/mock_broker.rs) with a
-#     5 ms fetch wait, where tansu holds each fetch 500 ms: what the agent itself adds.
+#     5 ms fetch wait, where tansu holds each fetch 500 ms: what the agent itself adds. Under
+#     each, the share of the database's transactions in that time (scripts/stages.py, from the
+#     agent's /metrics) and the checkpoints PostgreSQL began while the load ran.
 # Each run prints requests/s, its ratio to the ceilings, CPU per request, conflict retries per
 # 1,000 and peak RSS, and (scripts/cores.py) the cores PostgreSQL, the clients and the broker
 # used meanwhile: on a shared machine what the agent and the broker use, PostgreSQL cannot.
@@ -101,6 +103,12 @@ if [ "$ceiling_secs" != 0 ]; then
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# Checkpoints the server has begun since its statistics were reset, timed or requested
+# (pg_stat_checkpointer from PostgreSQL 17, pg_stat_bgwriter before).
+checkpoints() {
+  psql "$DATABASE_URL" -Atc "SELECT num_timed + num_requested FROM pg_stat_checkpointer" 2>/dev/null ||
+    psql "$DATABASE_URL" -Atc "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+}
 metric() { curl -sf "http://$1/metrics" | awk -v m="$2" 'index($1, m) == 1 {s += $2} END {printf "%d", s}'; }
 sum_metric() { local t=0 a; for a in "${addrs[@]}"; do t=$((t + $(metric "$a" "$1"))); done; echo "$t"; }
 # Polled every 0.2 s while agents run, so without forking: its CPU is taken from the run.
@@ -212,12 +220,21 @@ latency() {
   pids+=("$gen")
   # The cores while the load runs (the generator's among "other"): how much of the machine
   # the agent at this rate leaves idle.
+  local ckpt0 ckpt1
+  ckpt0=$(checkpoints)
   sleep 1; python3 scripts/cores.py snap "$snaps/l0"
   sleep "$((secs - 3))"; python3 scripts/cores.py snap "$snaps/l1"
   wait "$gen"
+  ckpt1=$(checkpoints)
   line=$(python3 scripts/latency.py "$brokers" "$topic" "$results" "$count")
   printf '%-15s %s at %s requests/s\n' "$label" "$line" "$half"
   printf '%15s %s\n' "" "$(python3 scripts/cores.py diff "$snaps/l0" "$snaps/l1" "${run_pids[@]}")"
+  # How much of it is the database's: the transactions against the whole span in the agent,
+  # and the checkpoints PostgreSQL began meanwhile (each writes out the dirty pages, which
+  # slows the commits under way).
+  printf '%15s %s; %s checkpoints during the load\n' "" \
+    "$(curl -sf --max-time 5 "http://${addrs[0]}/metrics" | python3 scripts/stages.py)" \
+    "$((ckpt1 - ckpt0))"
   stop_agents
   broker=$(env "$@" python3 scripts/broker-latency.py "$brokers" "$half" "$secs" ${hop_topic:+"$hop_topic"})
   printf '%-15s %s at %s records/s\n' "$label" "$broker" "$half"
