@@ -146,6 +146,9 @@ answers() {
     [ "$SECONDS" -lt "$deadline" ] || { echo "the agent did not $2 in 60 s" >&2; return 1; }
   done
 }
+DUPLICATES='persistence_agent_outcomes_total{outcome="duplicate"'
+# Messages settled, duplicates aside: each request once, whichever member wrote it.
+settled() { echo $(( $(sum_metric persistence_agent_outcomes_total) - $(sum_metric "$DUPLICATES") )); }
 stop_agents() { local p; for p in "${run_pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done; }
 ratio() { [ -n "$2" ] && printf ' = %.2fx %s' "$(echo "$1 / $2" | bc -l)" "$3"; }
 
@@ -153,17 +156,20 @@ ratio() { [ -n "$2" ] && printf ' = %.2fx %s' "$(echo "$1 / $2" | bc -l)" "$3"; 
 measure() {
   local label=$1 k=$2; shift 2
   start_agents "$k" "$loaded" "$@"
-  # Timed from the first outcome: the group join (seconds on tansu) is not throughput.
-  while [ "$(sum_metric persistence_agent_outcomes_total)" -lt 1 ]; do alive; sleep 0.05; done
-  local first perf_pid=
-  first=$(date +%s.%N)
+  # Timed from the first outcome: the group join (seconds on tansu) is not throughput. Members
+  # that join after the first has started take partitions over mid-run, and what their last
+  # owner finished but had not committed comes back as duplicates: printed, and not counted
+  # as settled (the run ends once every request is).
+  while [ "$(settled)" -lt 1 ]; do alive; sleep 0.05; done
+  local first before perf_pid=
+  first=$(date +%s.%N) before=$(settled)
   python3 scripts/cores.py snap "$snaps/a0"
   if [ -n "${PROFILE:-}" ] && [ "${label%% (*}" = "${PROFILE_RUN:-batched}" ]; then
     perf record -q -F 499 ${PERF_CALLGRAPH:--g} -p "${run_pids[0]}" -o "$PROFILE" 2>/dev/null & perf_pid=$!
     profiled=1
   fi
-  while [ "$(sum_metric persistence_agent_outcomes_total)" -lt "$n" ]; do alive; sleep 0.2; done
-  local end hwm=0 p
+  while [ "$(settled)" -lt "$n" ]; do alive; sleep 0.2; done
+  local end hwm=0 p timed=$((n - before))
   end=$(date +%s.%N)
   python3 scripts/cores.py snap "$snaps/a1"
   [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
@@ -174,15 +180,16 @@ measure() {
     + $(sum_metric 'persistence_agent_transaction_attempts_total{result="deadlock"') \
     + $(sum_metric 'persistence_agent_batch_transactions_total{result="serialization_failure"') \
     + $(sum_metric 'persistence_agent_batch_transactions_total{result="deadlock"') ))
-  local batches size=1
+  local batches size=1 dups
   batches=$(sum_metric persistence_agent_batch_requests_count)
   [ "$batches" -gt 0 ] && size=$(echo "$(sum_metric persistence_agent_batch_requests_sum) / $batches" | bc -l)
+  dups=$(sum_metric "$DUPLICATES")
   stop_agents
-  rate=$(echo "$n / ($end - $first)" | bc -l)
-  printf '%-15s %6.0f requests/s%s%s, CPU %3.0f us/request, %4.1f conflicts/1000, mean batch %.1f, peak RSS %.1f MiB\n' \
+  rate=$(echo "$timed / ($end - $first)" | bc -l)
+  printf '%-15s %6.0f requests/s%s%s, CPU %3.0f us/request, %4.1f conflicts/1000, mean batch %.1f, peak RSS %.1f MiB, %d duplicates\n' \
     "$label" "$rate" "$(ratio "$rate" "$single" single)" "$(ratio "$rate" "$batched" batched)" \
-    "$(echo "1000000 * $(python3 scripts/cores.py cpu "$snaps/a0" "$snaps/a1" "${run_pids[@]}") / $n" | bc -l)" \
-    "$(echo "1000 * $conflicts / $n" | bc -l)" "$size" "$(echo "$hwm / 1024" | bc -l)"
+    "$(echo "1000000 * $(python3 scripts/cores.py cpu "$snaps/a0" "$snaps/a1" "${run_pids[@]}") / $timed" | bc -l)" \
+    "$(echo "1000 * $conflicts / $n" | bc -l)" "$size" "$(echo "$hwm / 1024" | bc -l)" "$dups"
   local cores
   cores=$(python3 scripts/cores.py diff "$snaps/a0" "$snaps/a1" "${run_pids[@]}")
   printf '%15s %s\n' "" "$cores"
