@@ -147,8 +147,29 @@ answers() {
   done
 }
 DUPLICATES='persistence_agent_outcomes_total{outcome="duplicate"'
-# Messages settled, duplicates aside: each request once, whichever member wrote it.
-settled() { echo $(( $(sum_metric persistence_agent_outcomes_total) - $(sum_metric "$DUPLICATES") )); }
+# Outcomes other than duplicates (each request once, whichever member settled it), from one
+# scrape per agent; fails when an agent does not answer, rather than count it as nothing.
+settled() {
+  local a text t=0
+  for a in "${addrs[@]}"; do
+    text=$(curl -sf --max-time 5 "http://$a/metrics") || { echo "no metrics from the agent at $a" >&2; return 1; }
+    t=$((t + $(awk '/^persistence_agent_outcomes_total/ && !/outcome="duplicate"/ {s += $2} END {printf "%d", s}' <<<"$text")))
+  done
+  echo "$t"
+}
+# Waits until settled() reaches N, failing once nothing settled for 60 s (a request that can
+# only come back as a duplicate would otherwise hold the run forever).
+settle_all() {
+  local now last=-1 since=$SECONDS
+  while :; do
+    now=$(settled) || return 1
+    [ "$now" -lt "$n" ] || return 0
+    alive
+    [ "$now" -eq "$last" ] || { last=$now since=$SECONDS; }
+    [ $((SECONDS - since)) -lt 60 ] || { echo "$label: $now of $n settled, none for 60 s" >&2; return 1; }
+    sleep 0.2
+  done
+}
 stop_agents() { local p; for p in "${run_pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done; }
 ratio() { [ -n "$2" ] && printf ' = %.2fx %s' "$(echo "$1 / $2" | bc -l)" "$3"; }
 
@@ -160,16 +181,17 @@ measure() {
   # that join after the first has started take partitions over mid-run, and what their last
   # owner finished but had not committed comes back as duplicates: printed, and not counted
   # as settled (the run ends once every request is).
-  while [ "$(settled)" -lt 1 ]; do alive; sleep 0.05; done
   local first before perf_pid=
-  first=$(date +%s.%N) before=$(settled)
+  until before=$(settled) && [ "$before" -ge 1 ]; do alive; sleep 0.05; done
+  first=$(date +%s.%N)
   python3 scripts/cores.py snap "$snaps/a0"
   if [ -n "${PROFILE:-}" ] && [ "${label%% (*}" = "${PROFILE_RUN:-batched}" ]; then
     perf record -q -F 499 ${PERF_CALLGRAPH:--g} -p "${run_pids[0]}" -o "$PROFILE" 2>/dev/null & perf_pid=$!
     profiled=1
   fi
-  while [ "$(settled)" -lt "$n" ]; do alive; sleep 0.2; done
+  settle_all
   local end hwm=0 p timed=$((n - before))
+  [ "$timed" -gt 0 ] || { echo "$label: settled before it could be timed; raise N" >&2; return 1; }
   end=$(date +%s.%N)
   python3 scripts/cores.py snap "$snaps/a1"
   [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
@@ -228,20 +250,20 @@ latency() {
   # The cores while the load runs (the generator's among "other"): how much of the machine
   # the agent at this rate leaves idle.
   local ckpt0 ckpt1
-  ckpt0=$(checkpoints)
+  ckpt0=$(checkpoints) || ckpt0=
   sleep 1; python3 scripts/cores.py snap "$snaps/l0"
   sleep "$((secs - 3))"; python3 scripts/cores.py snap "$snaps/l1"
   wait "$gen"
-  ckpt1=$(checkpoints)
+  ckpt1=$(checkpoints) || ckpt1=
   line=$(python3 scripts/latency.py "$brokers" "$topic" "$results" "$count")
   printf '%-15s %s at %s requests/s\n' "$label" "$line" "$half"
   printf '%15s %s\n' "" "$(python3 scripts/cores.py diff "$snaps/l0" "$snaps/l1" "${run_pids[@]}")"
   # How much of it is the database's: the transactions against the whole span in the agent,
   # and the checkpoints PostgreSQL began meanwhile (each writes out the dirty pages, which
   # slows the commits under way).
-  printf '%15s %s; %s checkpoints during the load\n' "" \
+  printf '%15s %s; checkpoints begun during the load: %s\n' "" \
     "$(curl -sf --max-time 5 "http://${addrs[0]}/metrics" | python3 scripts/stages.py)" \
-    "$((ckpt1 - ckpt0))"
+    "$([ -n "$ckpt0" ] && [ -n "$ckpt1" ] && echo $((ckpt1 - ckpt0)) || echo unknown)"
   stop_agents
   broker=$(env "$@" python3 scripts/broker-latency.py "$brokers" "$half" "$secs" ${hop_topic:+"$hop_topic"})
   printf '%-15s %s at %s records/s\n' "$label" "$broker" "$half"

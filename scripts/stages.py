@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where a request's time goes inside the agent, from its /metrics (Prometheus text on stdin):
-the database transactions against the whole span from the request's Kafka timestamp to its
-outcome. Histograms give means exactly and quantiles only as the bucket that holds them.
+its transaction attempts (batched or single, from the wait for a pooled connection to COMMIT)
+against the whole span from the request's Kafka timestamp to its outcome. Histograms give
+means exactly and quantiles only as the bucket that holds them.
 
     curl -s http://AGENT/metrics | scripts/stages.py
 
@@ -49,8 +50,8 @@ def describe(h, scale=1000.0):
     if not h or h["count"] == 0:
         return "none"
     lo, hi = quantile_bucket(h, 0.99)
-    hi = "inf" if hi == math.inf else f"{hi * scale:.0f}"
-    return (f"mean {h['sum'] / h['count'] * scale:.1f} ms, p99 {lo * scale:.0f}-{hi} ms "
+    hi = "inf" if hi == math.inf else f"{hi * scale:g}"
+    return (f"mean {h['sum'] / h['count'] * scale:.1f} ms, p99 {lo * scale:g}-{hi} ms "
             f"({h['count']:.0f})")
 
 

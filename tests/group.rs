@@ -71,3 +71,66 @@ async fn rebalances_under_load_write_each_request_once() {
     let committed: i64 = (0..6).map(|p| env.committed(p).unwrap_or(0)).sum();
     assert_eq!(committed, REQUESTS as i64, "every offset committed");
 }
+
+/// A member joins while one key's transaction waits on a lock and that key's next request waits
+/// in its worker's queue, behind it, while later requests of other keys finish. The revoke's
+/// drain lets the queued request start once the lock goes, so the offset committed is past
+/// everything finished and the next owner gets nothing again. (When queued messages were
+/// handed over unstarted, the committed offset stopped at the queued one, and every request
+/// finished above it came back as a duplicate.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_redelivers_nothing_its_last_owner_finished() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    // One transaction per request, and a statement timeout and drain longer than the lock.
+    let args = [
+        "--batch-max=1",
+        "--workers=4",
+        "--statement-timeout=30s",
+        "--rebalance-drain-timeout=30s",
+        "--retry-delays=1h",
+    ];
+    let req = |user: &str, id: &str| json(request(user, Some(id), &[("b1", 0.5)]));
+    let persisted = "SELECT count(*) FROM processed_request";
+    let first = env.start(&args).await;
+    env.produce("slow", &req("slow", "s0")).await;
+    env.wait_count(persisted, 1, 60).await;
+    // Long enough for the second member's join to begin while it is held.
+    let lock = env
+        .lock_reader("slow", std::time::Duration::from_secs(12))
+        .await;
+    env.produce("slow", &req("slow", "s1")).await;
+    env.produce("slow", &req("slow", "s2")).await;
+    for i in 0..24 {
+        env.produce(&format!("u{i}"), &req(&format!("u{i}"), &format!("r{i}")))
+            .await;
+    }
+    // s0 and most of the others are written (those sharing s1's worker wait behind it too).
+    common::wait_for("most requests of other keys written", 60, async || {
+        env.count(persisted).await >= 13
+    })
+    .await;
+    assert!(
+        env.count("SELECT count(*) FROM processed_request WHERE request_id = 's1'")
+            .await
+            == 0,
+        "s1 still waits on the lock"
+    );
+    let second = env.start(&args).await;
+    lock.await.unwrap();
+    env.wait_count(persisted, 27, 120).await;
+    common::wait_for("every offset committed", 60, async || {
+        env.committed(0) == Some(27)
+    })
+    .await;
+    let mut duplicates = 0;
+    for agent in [first, second] {
+        duplicates += agent.metrics.outcome_count(&env.topic, outcome::DUPLICATE);
+        stop(agent).await;
+    }
+    assert_eq!(
+        duplicates, 0,
+        "nothing finished was handed to the next owner again"
+    );
+    env.assert_written_once(27).await;
+}

@@ -44,29 +44,6 @@ fn source() -> Source {
     }
 }
 
-/// Holds a row lock on the user's reader_context for `hold`, in its own connection.
-async fn lock_reader(env: &Env, user: &str, hold: Duration) -> tokio::task::JoinHandle<()> {
-    let (client, conn) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("SET search_path = {}; BEGIN", env.schema))
-        .await
-        .unwrap();
-    client
-        .execute(
-            "SELECT 1 FROM reader_context WHERE user_id = $1 FOR UPDATE",
-            &[&user],
-        )
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        tokio::time::sleep(hold).await;
-        client.batch_execute("COMMIT").await.unwrap();
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statement_timeout_is_retried_once_with_double_the_timeout() {
     let env = Env::new(1).await;
@@ -77,7 +54,7 @@ async fn statement_timeout_is_retried_once_with_double_the_timeout() {
         .unwrap();
 
     // Locked for 1 s: the first attempt times out at 0.7 s, the retry (1.4 s) outlasts the lock.
-    let lock = lock_reader(&env, "u", Duration::from_secs(1)).await;
+    let lock = env.lock_reader("u", Duration::from_secs(1)).await;
     let done = p
         .persist(&req("u", "second"), "second", &source())
         .await
@@ -97,7 +74,7 @@ async fn second_statement_timeout_gives_up_even_with_backoff_left() {
         .await
         .unwrap();
 
-    let lock = lock_reader(&env, "u", Duration::from_secs(3)).await;
+    let lock = env.lock_reader("u", Duration::from_secs(3)).await;
     let failure = p
         .persist(&req("u", "second"), "second", &source())
         .await

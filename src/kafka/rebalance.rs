@@ -97,9 +97,17 @@ impl ConsumerContext for AgentContext {
                 let tracker = self.shared.tracker.lock().expect("tracker lock");
                 tps.iter().filter_map(|tp| tracker.ownership(tp)).collect()
             };
-            // Queued messages belong to the next owner from now on.
-            owners.iter().for_each(|o| o.begin_revoke());
+            // Queued messages still start during the drain: the offset committed is the oldest
+            // message unfinished, and at full load one can wait seconds in its worker's queue
+            // behind other keys, so handing it over made the new owner redo every message
+            // finished above it (11,000-18,000 per join in BENCHMARKS.md; the drain then
+            // took 0.3 s). Without a drain (shutdown, a lost assignment) nothing new starts.
+            if timeout.is_zero() {
+                owners.iter().for_each(|o| o.begin_revoke());
+            }
             let drained = self.shared.drain(consumer, &tps, timeout);
+            // From here nothing queued starts: it belongs to the next owner.
+            owners.iter().for_each(|o| o.begin_revoke());
             // Work that outlived the drain may not act any more: the new owner redoes it.
             // Every partition closes at once; then one shared wait for work still holding them.
             owners.iter().for_each(|o| o.close());

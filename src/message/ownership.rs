@@ -16,7 +16,8 @@ pub struct Ownership {
     /// This assignment's generation in `partition_owner`, claimed before its first write (one
     /// claim at a time: the lock is held while claiming).
     pub generation: tokio::sync::Mutex<Option<i64>>,
-    /// Set when the revoke begins: queued messages of the partition are not started.
+    /// Set once the revoke's drain is over (at once without one): queued messages of the
+    /// partition are not started.
     draining: AtomicBool,
     /// Set once the revoke is decided: no side effect may start.
     revoked: AtomicBool,
@@ -91,7 +92,7 @@ impl Ownership {
         self.revoked.load(Ordering::Acquire)
     }
 
-    /// The revoke begins: nothing queued starts any more.
+    /// The revoke's drain is over: nothing queued starts any more.
     pub fn begin_revoke(&self) {
         self.draining.store(true, Ordering::Release);
     }

@@ -206,6 +206,30 @@ impl Env {
             .unwrap();
     }
 
+    /// Holds a row lock on the user's reader_context for `hold`, in its own connection: that
+    /// user's transactions wait for it.
+    pub async fn lock_reader(&self, user: &str, hold: Duration) -> tokio::task::JoinHandle<()> {
+        let (client, conn) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("SET search_path = {}; BEGIN", self.schema))
+            .await
+            .unwrap();
+        client
+            .execute(
+                "SELECT 1 FROM reader_context WHERE user_id = $1 FOR UPDATE",
+                &[&user],
+            )
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            client.batch_execute("COMMIT").await.unwrap();
+        })
+    }
+
     pub async fn count(&self, sql: &str) -> i64 {
         self.pg.query_one(sql, &[]).await.unwrap().get(0)
     }
