@@ -157,17 +157,21 @@ settled() {
   done
   echo "$t"
 }
-# Waits until settled() reaches N, failing once nothing settled for 60 s (a request that can
-# only come back as a duplicate would otherwise hold the run forever).
-settle_all() {
-  local now last=-1 since=$SECONDS
+# Waits until settled() reaches AT_LEAST, polling every EVERY seconds (sparingly while a run is
+# timed: each poll forks), failing once it has not grown for 60 s (a request that can only
+# come back as a duplicate would otherwise hold the run forever); a scrape that fails counts
+# as no progress. Prints the count reached.
+settle_until() {
+  local at_least=$1 every=$2 now last=-1 since=$SECONDS
   while :; do
-    now=$(settled) || return 1
-    [ "$now" -lt "$n" ] || return 0
     alive
-    [ "$now" -eq "$last" ] || { last=$now since=$SECONDS; }
-    [ $((SECONDS - since)) -lt 60 ] || { echo "$label: $now of $n settled, none for 60 s" >&2; return 1; }
-    sleep 0.2
+    if now=$(settled 2>/dev/null); then
+      [ "$now" -lt "$at_least" ] || { echo "$now"; return 0; }
+      [ "$now" -eq "$last" ] || { last=$now since=$SECONDS; }
+    fi
+    [ $((SECONDS - since)) -lt 60 ] ||
+      { echo "$label: ${last#-1} of $at_least settled, none for 60 s" >&2; return 1; }
+    sleep "$every"
   done
 }
 stop_agents() { local p; for p in "${run_pids[@]}"; do kill "$p"; wait "$p" 2>/dev/null || true; done; }
@@ -182,14 +186,14 @@ measure() {
   # owner finished but had not committed comes back as duplicates: printed, and not counted
   # as settled (the run ends once every request is).
   local first before perf_pid=
-  until before=$(settled) && [ "$before" -ge 1 ]; do alive; sleep 0.05; done
+  before=$(settle_until 1 0.05)
   first=$(date +%s.%N)
   python3 scripts/cores.py snap "$snaps/a0"
   if [ -n "${PROFILE:-}" ] && [ "${label%% (*}" = "${PROFILE_RUN:-batched}" ]; then
     perf record -q -F 499 ${PERF_CALLGRAPH:--g} -p "${run_pids[0]}" -o "$PROFILE" 2>/dev/null & perf_pid=$!
     profiled=1
   fi
-  settle_all
+  settle_until "$n" 0.2 >/dev/null
   local end hwm=0 p timed=$((n - before))
   [ "$timed" -gt 0 ] || { echo "$label: settled before it could be timed; raise N" >&2; return 1; }
   end=$(date +%s.%N)

@@ -50,8 +50,8 @@ def describe(h, scale=1000.0):
     if not h or h["count"] == 0:
         return "none"
     lo, hi = quantile_bucket(h, 0.99)
-    hi = "inf" if hi == math.inf else f"{hi * scale:g}"
-    return (f"mean {h['sum'] / h['count'] * scale:.1f} ms, p99 {lo * scale:g}-{hi} ms "
+    hi = "inf" if hi == math.inf else f"{hi * scale:.10g}"
+    return (f"mean {h['sum'] / h['count'] * scale:.1f} ms, p99 {lo * scale:.10g}-{hi} ms "
             f"({h['count']:.0f})")
 
 

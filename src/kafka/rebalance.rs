@@ -97,17 +97,20 @@ impl ConsumerContext for AgentContext {
                 let tracker = self.shared.tracker.lock().expect("tracker lock");
                 tps.iter().filter_map(|tp| tracker.ownership(tp)).collect()
             };
+            // Never claimed back from now on.
+            owners.iter().for_each(|o| o.begin_revoke());
             // Queued messages still start during the drain: the offset committed is the oldest
-            // message unfinished, and at full load one can wait seconds in its worker's queue
-            // behind other keys, so handing it over made the new owner redo every message
-            // finished above it (11,000-18,000 per join in BENCHMARKS.md; the drain then
-            // took 0.3 s). Without a drain (shutdown, a lost assignment) nothing new starts.
+            // message unfinished, so handing queued ones over unstarted made the next owner redo
+            // everything finished above them (10,855-17,858 duplicates per scale run of the
+            // bench, BENCHMARKS.md; with them drained, none, and the drain took 0.3 s).
+            // Without a drain (shutdown, a lost assignment, REBALANCE_DRAIN_TIMEOUT=0) nothing
+            // new starts.
             if timeout.is_zero() {
-                owners.iter().for_each(|o| o.begin_revoke());
+                owners.iter().for_each(|o| o.stop_queued());
             }
             let drained = self.shared.drain(consumer, &tps, timeout);
             // From here nothing queued starts: it belongs to the next owner.
-            owners.iter().for_each(|o| o.begin_revoke());
+            owners.iter().for_each(|o| o.stop_queued());
             // Work that outlived the drain may not act any more: the new owner redoes it.
             // Every partition closes at once; then one shared wait for work still holding them.
             owners.iter().for_each(|o| o.close());
@@ -256,6 +259,12 @@ impl Shared {
             };
             if pending == 0 {
                 return true;
+            }
+            // Dropped from the group meanwhile (a drain past max.poll.interval.ms): the
+            // partitions are someone else's, and their queued messages must not start.
+            if !tps.is_empty() && consumer.assignment_lost() {
+                tracing::warn!(pending, "assignment lost during the drain; stopping it");
+                return false;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -16,6 +16,8 @@ pub struct Ownership {
     /// This assignment's generation in `partition_owner`, claimed before its first write (one
     /// claim at a time: the lock is held while claiming).
     pub generation: tokio::sync::Mutex<Option<i64>>,
+    /// Set when the revoke begins: the partition is the next owner's, never claimed back.
+    revoking: AtomicBool,
     /// Set once the revoke's drain is over (at once without one): queued messages of the
     /// partition are not started.
     draining: AtomicBool,
@@ -92,14 +94,26 @@ impl Ownership {
         self.revoked.load(Ordering::Acquire)
     }
 
-    /// The revoke's drain is over: nothing queued starts any more.
+    /// The revoke begins: work may still run (and queued messages start) during its drain,
+    /// but the partition is never claimed back.
     pub fn begin_revoke(&self) {
+        self.revoking.store(true, Ordering::Release);
+    }
+
+    /// Whether a revoke of this assignment has begun (or the assignment was revoked).
+    pub fn is_revoking(&self) -> bool {
+        self.revoking.load(Ordering::Acquire) || self.revoked.load(Ordering::Acquire)
+    }
+
+    /// The revoke's drain is over: nothing queued starts any more.
+    pub fn stop_queued(&self) {
+        self.revoking.store(true, Ordering::Release);
         self.draining.store(true, Ordering::Release);
     }
 
     /// Marks the assignment revoked: no side effect starts from now on.
     pub fn close(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.stop_queued();
         self.revoked.store(true, Ordering::Release);
     }
 
@@ -125,10 +139,16 @@ mod tests {
     #[tokio::test]
     async fn no_side_effect_starts_after_the_revoke() {
         let o = Ownership::default();
-        assert!(o.may_start());
+        assert!(o.may_start() && !o.is_revoking());
         assert!(o.guard().await.is_some());
         o.begin_revoke();
-        assert!(!o.may_start(), "queued messages wait for the new owner");
+        assert!(o.may_start(), "queued messages start during the drain");
+        assert!(o.is_revoking(), "never claimed back once the revoke began");
+        o.stop_queued();
+        assert!(
+            !o.may_start(),
+            "after the drain, queued messages wait for the new owner"
+        );
         assert!(
             o.guard().await.is_some(),
             "running work may finish during the drain"

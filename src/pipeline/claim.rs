@@ -34,15 +34,16 @@ impl Pipeline {
     /// claim landed late. After a pause, claim it again (false: revoked or shutdown meanwhile).
     pub(super) async fn fenced(&self, env: &Envelope, generation: i64) -> bool {
         tracing::info!(topic = %env.topic, partition = env.partition, offset = env.offset, generation, "fenced: another owner claimed the partition");
-        // A partition being revoked (or lost) is the new owner's: never claimed back.
-        if !env.owner.may_start() {
+        // A partition being revoked (or lost) is the new owner's: never claimed back, though
+        // its queued messages may still start during the revoke's drain.
+        if env.owner.is_revoking() {
             return false;
         }
         if *env.owner.generation.lock().await != Some(generation) {
             return true; // another worker of this assignment claimed it again already
         }
         let mut delay = MAX_PROBE_INTERVAL;
-        if !self.hold(&mut delay).await || !env.owner.may_start() {
+        if !self.hold(&mut delay).await || env.owner.is_revoking() {
             return false;
         }
         let mut current = env.owner.generation.lock().await;

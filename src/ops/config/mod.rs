@@ -190,7 +190,8 @@ pub struct RunArgs {
     #[arg(long, env = "FATAL_LINGER", default_value = DEFAULT_FATAL_LINGER, value_parser = humantime::parse_duration)]
     pub fatal_linger: Duration,
 
-    /// How long a partition revoke waits for that partition's in-flight messages.
+    /// How long a partition revoke waits for that partition's messages, running and queued;
+    /// with the 2 s wait for work still holding it, keep it below `max.poll.interval.ms`.
     #[arg(long, env = "REBALANCE_DRAIN_TIMEOUT", default_value = DEFAULT_REBALANCE_DRAIN_TIMEOUT, value_parser = humantime::parse_duration)]
     pub rebalance_drain_timeout: Duration,
 
