@@ -103,8 +103,8 @@ impl ConsumerContext for AgentContext {
             // message unfinished, so handing queued ones over unstarted made the next owner redo
             // everything finished above them (10,855-17,858 duplicates per scale run of the
             // bench, BENCHMARKS.md; with them drained, none, and the drain took 0.3 s).
-            // Without a drain (shutdown, a lost assignment, REBALANCE_DRAIN_TIMEOUT=0) nothing
-            // new starts.
+            // Without a drain (the revoke at close, after the shutdown's own drain; a lost
+            // assignment; REBALANCE_DRAIN_TIMEOUT=0) nothing new starts.
             if timeout.is_zero() {
                 owners.iter().for_each(|o| o.stop_queued());
             }
@@ -259,12 +259,6 @@ impl Shared {
             };
             if pending == 0 {
                 return true;
-            }
-            // Dropped from the group meanwhile (a drain past max.poll.interval.ms): the
-            // partitions are someone else's, and their queued messages must not start.
-            if !tps.is_empty() && consumer.assignment_lost() {
-                tracing::warn!(pending, "assignment lost during the drain; stopping it");
-                return false;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -18,6 +18,8 @@ pub struct Ownership {
     pub generation: tokio::sync::Mutex<Option<i64>>,
     /// Set when the revoke begins: the partition is the next owner's, never claimed back.
     revoking: AtomicBool,
+    /// Set once this assignment has claimed a generation: a later claim would be a claim back.
+    claimed: AtomicBool,
     /// Set once the revoke's drain is over (at once without one): queued messages of the
     /// partition are not started.
     draining: AtomicBool,
@@ -105,6 +107,17 @@ impl Ownership {
         self.revoking.load(Ordering::Acquire) || self.revoked.load(Ordering::Acquire)
     }
 
+    /// Records that this assignment claimed a generation.
+    pub fn mark_claimed(&self) {
+        self.claimed.store(true, Ordering::Release);
+    }
+
+    /// Whether a claim may begin: the assignment's first may, during a revoke's drain too (its
+    /// queued messages still start); a claim back once the revoke began may not.
+    pub fn may_claim(&self) -> bool {
+        !(self.claimed.load(Ordering::Acquire) && self.is_revoking())
+    }
+
     /// The revoke's drain is over: nothing queued starts any more.
     pub fn stop_queued(&self) {
         self.revoking.store(true, Ordering::Release);
@@ -144,6 +157,9 @@ mod tests {
         o.begin_revoke();
         assert!(o.may_start(), "queued messages start during the drain");
         assert!(o.is_revoking(), "never claimed back once the revoke began");
+        assert!(o.may_claim(), "a first claim may begin during the drain");
+        o.mark_claimed();
+        assert!(!o.may_claim(), "a claim back may not");
         o.stop_queued();
         assert!(
             !o.may_start(),

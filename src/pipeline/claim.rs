@@ -24,7 +24,12 @@ impl Pipeline {
         if let Some(g) = *generation {
             return Ok(Some((topic, partition, g)));
         }
+        // Fenced and revoked since: the partition is the next owner's, never claimed back.
+        if !env.owner.may_claim() {
+            return Err(());
+        }
         let g = self.claim(env, &topic, partition).await?;
+        env.owner.mark_claimed();
         *generation = Some(g);
         Ok(Some((topic, partition, g)))
     }
@@ -47,6 +52,10 @@ impl Pipeline {
             return false;
         }
         let mut current = env.owner.generation.lock().await;
+        // The revoke may have begun while a sibling's claim held the lock.
+        if env.owner.is_revoking() {
+            return false;
+        }
         if *current == Some(generation) {
             tracing::warn!(topic = %env.topic, partition = env.partition, generation, "partition claimed by another owner while assigned here: claiming it again");
             *current = None;
