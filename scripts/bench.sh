@@ -146,7 +146,6 @@ answers() {
     [ "$SECONDS" -lt "$deadline" ] || { echo "the agent did not $2 in 60 s" >&2; return 1; }
   done
 }
-DUPLICATES='persistence_agent_outcomes_total{outcome="duplicate"'
 # Outcomes other than duplicates (each request once, whichever member settled it), from one
 # scrape per agent; fails when an agent does not answer, rather than count it as nothing.
 settled() {
@@ -209,7 +208,7 @@ measure() {
   local batches size=1 dups
   batches=$(sum_metric persistence_agent_batch_requests_count)
   [ "$batches" -gt 0 ] && size=$(echo "$(sum_metric persistence_agent_batch_requests_sum) / $batches" | bc -l)
-  dups=$(sum_metric "$DUPLICATES")
+  dups=$(sum_metric 'persistence_agent_outcomes_total{outcome="duplicate"')
   stop_agents
   rate=$(echo "$timed / ($end - $first)" | bc -l)
   printf '%-15s %6.0f requests/s%s%s, CPU %3.0f us/request, %4.1f conflicts/1000, mean batch %.1f, peak RSS %.1f MiB, %d duplicates\n' \

@@ -102,9 +102,9 @@ impl Ownership {
         self.revoking.store(true, Ordering::Release);
     }
 
-    /// Whether a revoke of this assignment has begun (or the assignment was revoked).
+    /// Whether a revoke of this assignment has begun (`close` implies it).
     pub fn is_revoking(&self) -> bool {
-        self.revoking.load(Ordering::Acquire) || self.revoked.load(Ordering::Acquire)
+        self.revoking.load(Ordering::Acquire)
     }
 
     /// Records that this assignment claimed a generation.

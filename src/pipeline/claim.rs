@@ -48,11 +48,11 @@ impl Pipeline {
             return true; // another worker of this assignment claimed it again already
         }
         let mut delay = MAX_PROBE_INTERVAL;
-        if !self.hold(&mut delay).await || env.owner.is_revoking() {
+        if !self.hold(&mut delay).await {
             return false;
         }
         let mut current = env.owner.generation.lock().await;
-        // The revoke may have begun while a sibling's claim held the lock.
+        // The revoke may have begun during the pause, or while a sibling's claim held the lock.
         if env.owner.is_revoking() {
             return false;
         }
