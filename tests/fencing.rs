@@ -3,8 +3,9 @@
 //! agents, one partition and one key, so the partition's messages finish in order and only a
 //! stale owner could confirm a request twice. Owners leave with no shutdown drain: the
 //! transaction under way outlives the revoke of the member's close. (Leaving, rather than
-//! joining, triggers the rebalance: tansu does not rebalance live members when one joins, and
-//! librdkafka's mock coordinator refuses offset commits once a rebalance is pending.)
+//! joining, triggers the rebalance: a join's revoke waits out `REBALANCE_DRAIN_TIMEOUT` first,
+//! and `tests/group.rs` covers that; librdkafka's mock coordinator refuses offset commits once
+//! a rebalance is pending.)
 
 mod common;
 

@@ -2,7 +2,8 @@
 //! time, every revoke finds work in flight that outlives it: every request is written once and
 //! confirmed, and a request confirmed twice (read again because an earlier offset of its
 //! partition was unfinished at a revoke) repeats the same confirmation. With a drain, a join
-//! hands nothing finished to the next owner again. (The fence itself is proven message by
+//! hands nothing finished to the next owner again, and a drain that runs out commits up to
+//! the oldest unfinished message and loses nothing. (The fence itself is proven message by
 //! message in `tests/fencing.rs`.)
 
 mod common;
@@ -10,6 +11,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{json, request, stop, Env};
+use persistence_agent::app::agent::Agent;
 use persistence_agent::ops::metrics::outcome;
 
 const REQUESTS: usize = 240;
@@ -83,46 +85,15 @@ async fn rebalances_under_load_write_each_request_once() {
 async fn a_join_redelivers_nothing_its_last_owner_finished() {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
-    // One transaction per request, a statement timeout and a drain longer than the lock, and
-    // the drain within the harness's max.poll.interval.ms (15 s).
-    let args = [
-        "--batch-max=1",
-        "--workers=4",
-        "--statement-timeout=30s",
-        "--rebalance-drain-timeout=12s",
-        "--retry-delays=1h",
-    ];
-    let req = |user: &str, id: &str| json(request(user, Some(id), &[("b1", 0.5)]));
-    let persisted = "SELECT count(*) FROM processed_request";
-    let first = env.start(&args).await;
-    env.produce("slow", &req("slow", "s0")).await;
-    env.wait_count(persisted, 1, 60).await;
+    // A drain longer than the lock, within the harness's max.poll.interval.ms (15 s).
+    let args = held_key_args("--rebalance-drain-timeout=12s");
     // Long enough for the second member's join (2-4 s on tansu) to begin while it is held; a
     // join slower than that would let this pass on the old behaviour too (it failed there
     // with 17 duplicates).
-    let lock = env
-        .lock_reader("slow", std::time::Duration::from_secs(10))
-        .await;
-    env.produce("slow", &req("slow", "s1")).await;
-    env.produce("slow", &req("slow", "s2")).await;
-    for i in 0..24 {
-        env.produce(&format!("u{i}"), &req(&format!("u{i}"), &format!("r{i}")))
-            .await;
-    }
-    // s0 and most of the others are written (those sharing s1's worker wait behind it too).
-    common::wait_for("most requests of other keys written", 60, async || {
-        env.count(persisted).await >= 13
-    })
-    .await;
-    assert!(
-        env.count("SELECT count(*) FROM processed_request WHERE request_id = 's1'")
-            .await
-            == 0,
-        "s1 still waits on the lock"
-    );
+    let (first, lock) = held_key_backlog(&env, &args, 10).await;
     let second = env.start(&args).await;
     lock.await.unwrap();
-    env.wait_count(persisted, 27, 120).await;
+    env.wait_count(PERSISTED, 27, 120).await;
     common::wait_for("every offset committed", 60, async || {
         env.committed(0) == Some(27)
     })
@@ -137,4 +108,102 @@ async fn a_join_redelivers_nothing_its_last_owner_finished() {
         "nothing finished was handed to the next owner again"
     );
     env.assert_written_once(27).await;
+}
+
+/// A drain that runs out lets the rebalance go on without the work still under way: the
+/// revoke commits up to the oldest unfinished message, and its queued successor is left to the
+/// next owner, whatever the stale work does once its lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_runs_out_commits_below_the_unfinished_and_loses_nothing() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let args = held_key_args("--rebalance-drain-timeout=1s");
+    let (first, lock) = held_key_backlog(&env, &args, 20).await;
+    // "nothing" when the auto-commit already took offset 1; the first join's revoke (of no
+    // partition) counts too, so only a later one is this join's.
+    let revokes = || {
+        ["ok", "nothing"]
+            .iter()
+            .map(|r| {
+                first
+                    .metrics
+                    .commits
+                    .with_label_values(&["revoke", r])
+                    .get()
+            })
+            .sum::<u64>()
+    };
+    let before = revokes();
+    let second = env.start(&args).await;
+    // The drain (1 s) and the wait for work that acted (2 s) are over long before the lock.
+    common::wait_for("the first member's revoke commit", 15, async || {
+        revokes() > before
+    })
+    .await;
+    assert!(!lock.is_finished(), "the revoke did not wait for the lock");
+    assert_eq!(
+        env.committed(0),
+        Some(1),
+        "committed up to s1, unfinished: not past it (lost), not below it"
+    );
+    lock.await.unwrap();
+    env.wait_count(PERSISTED, 27, 120).await;
+    common::wait_for("every offset committed", 60, async || {
+        env.committed(0) == Some(27)
+    })
+    .await;
+    for agent in [first, second] {
+        stop(agent).await;
+    }
+    env.assert_written_once(27).await;
+}
+
+const PERSISTED: &str = "SELECT count(*) FROM processed_request";
+
+/// One transaction per request, a statement timeout longer than any lock, no tier consumer
+/// (its revokes would count as the main consumer's), and `drain` (a
+/// `--rebalance-drain-timeout`).
+fn held_key_args(drain: &'static str) -> [&'static str; 6] {
+    [
+        "--batch-max=1",
+        "--workers=4",
+        "--statement-timeout=30s",
+        "--retry-delays=1h",
+        "--role=main",
+        drain,
+    ]
+}
+
+/// Starts the first member and leaves partition 0 at: s0 written (offset 0), s1 waiting on
+/// a row lock held `secs` (offset 1), s2 queued behind it on its worker (offset 2), and most
+/// of 24 requests of other keys (offsets 3-26) written; those sharing s1's worker wait too.
+async fn held_key_backlog(
+    env: &Env,
+    args: &[&str],
+    secs: u64,
+) -> (Agent, tokio::task::JoinHandle<()>) {
+    let req = |user: &str, id: &str| json(request(user, Some(id), &[("b1", 0.5)]));
+    let first = env.start(args).await;
+    env.produce("slow", &req("slow", "s0")).await;
+    env.wait_count(PERSISTED, 1, 60).await;
+    let lock = env
+        .lock_reader("slow", std::time::Duration::from_secs(secs))
+        .await;
+    env.produce("slow", &req("slow", "s1")).await;
+    env.produce("slow", &req("slow", "s2")).await;
+    for i in 0..24 {
+        env.produce(&format!("u{i}"), &req(&format!("u{i}"), &format!("r{i}")))
+            .await;
+    }
+    common::wait_for("most requests of other keys written", 60, async || {
+        env.count(PERSISTED).await >= 13
+    })
+    .await;
+    assert!(
+        env.count("SELECT count(*) FROM processed_request WHERE request_id = 's1'")
+            .await
+            == 0,
+        "s1 still waits on the lock"
+    );
+    (first, lock)
 }

@@ -109,10 +109,9 @@ impl ConsumerContext for AgentContext {
                 owners.iter().for_each(|o| o.stop_queued());
             }
             let drained = self.shared.drain(consumer, &tps, timeout);
-            // From here nothing queued starts: it belongs to the next owner.
-            owners.iter().for_each(|o| o.stop_queued());
-            // Work that outlived the drain may not act any more: the new owner redoes it.
-            // Every partition closes at once; then one shared wait for work still holding them.
+            // From here nothing queued starts (`close` implies `stop_queued`), and work that
+            // outlived the drain may not act any more: the next owner redoes both. Every
+            // partition closes at once; then one shared wait for work still holding them.
             owners.iter().for_each(|o| o.close());
             let deadline = Instant::now() + REVOKE_WAIT;
             let busy = owners.iter().filter(|o| !o.wait_idle(deadline)).count();
