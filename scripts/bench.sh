@@ -25,6 +25,9 @@
 #                          without frame pointers; the profiled run's CPU figures include perf's),
 #                          METRICS_DUMP=<prefix> (the first agent's /metrics after each run),
 #                          LATENCY_RATE=<requests/s> (instead of half the batched rate),
+#                          LANES=1 (under each latency run, what the agent's database sessions
+#                          were doing: scripts/lanes.py, sampling every 20 ms; off by default,
+#                          its sampling takes about 0.05 cores from the run it describes),
 #                          MOCK_BROKER=<binary> (else a release build of examples/mock_broker),
 #                          MOCK_FETCH_WAIT_MS=5 (fetch.wait.max.ms of latency-mock's consumers;
 #                          its tier and dead-letter topics are made for the default RETRY_DELAYS,
@@ -255,6 +258,11 @@ latency() {
   local ckpt0 ckpt1
   ckpt0=$(checkpoints) || ckpt0=
   sleep 1; python3 scripts/cores.py snap "$snaps/l0"
+  local sampler=
+  if [ -n "${LANES:-}" ]; then
+    LANES_EVERY_MS=20 python3 scripts/lanes.py "$((secs - 3))" "$DATABASE_URL" >"$snaps/lanes" &
+    sampler=$!
+  fi
   sleep "$((secs - 3))"; python3 scripts/cores.py snap "$snaps/l1"
   wait "$gen"
   ckpt1=$(checkpoints) || ckpt1=
@@ -267,6 +275,9 @@ latency() {
   printf '%15s %s; checkpoints begun during the load: %s\n' "" \
     "$(curl -sf --max-time 5 "http://${addrs[0]}/metrics" | python3 scripts/stages.py)" \
     "$([ -n "$ckpt0" ] && [ -n "$ckpt1" ] && echo $((ckpt1 - ckpt0)) || echo unknown)"
+  if [ -n "$sampler" ]; then
+    wait "$sampler" && sed 's/^/                /' "$snaps/lanes" || echo "lanes.py failed" >&2
+  fi
   stop_agents
   broker=$(env "$@" python3 scripts/broker-latency.py "$brokers" "$half" "$secs" ${hop_topic:+"$hop_topic"})
   printf '%-15s %s at %s records/s\n' "$label" "$broker" "$half"

@@ -2,7 +2,8 @@
 """What the agent's database sessions are doing, sampled from pg_stat_activity during a run.
 
     python3 scripts/lanes.py [SECONDS] [DATABASE_URL]    (defaults: 6, $DATABASE_URL, else the
-                                                          local server on 5432)
+                                                          local server on 5432; LANES_EVERY_MS=3
+                                                          between samples)
 
 Waits (up to 5 minutes) for an agent session (application_name persistence-agent) to run the
 persist statement, then samples every few milliseconds for SECONDS and prints how often 0, 1, 2, ...
@@ -40,6 +41,7 @@ def main():
     # The local server, as scripts/lib.sh falls back to (not its throwaway cluster).
     url = sys.argv[2] if len(sys.argv) > 2 else os.environ.get(
         "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+    every = float(os.environ.get("LANES_EVERY_MS", "3")) / 1000
     conn = psycopg2.connect(url, application_name="lanes.py")
     conn.autocommit = True
     cur = conn.cursor()
@@ -60,7 +62,7 @@ def main():
         samples += 1
         busy[len(rows)] += 1
         states.update((r[0], r[1], " ".join(r[2].split())) for r in rows)
-        time.sleep(0.003)
+        time.sleep(every)
     print(f"{samples} samples over {seconds:g} s")
     for n, count in sorted(busy.items()):
         print(f"  {n} busy sessions: {100 * count / samples:5.1f} % of samples")
