@@ -26,8 +26,9 @@
 #                          METRICS_DUMP=<prefix> (the first agent's /metrics after each run),
 #                          LATENCY_RATE=<requests/s> (instead of half the batched rate),
 #                          LANES=1 (under each latency run, what the agent's database sessions
-#                          were doing: scripts/lanes.py, sampling every 20 ms; off by default,
-#                          its sampling takes about 0.05 cores from the run it describes),
+#                          were doing: scripts/lanes.py, sampling every 20 ms; off by default:
+#                          the sampler's own process takes about 0.04 cores from the run it
+#                          describes, and its queries some of PostgreSQL's),
 #                          MOCK_BROKER=<binary> (else a release build of examples/mock_broker),
 #                          MOCK_FETCH_WAIT_MS=5 (fetch.wait.max.ms of latency-mock's consumers;
 #                          its tier and dead-letter topics are made for the default RETRY_DELAYS,
@@ -260,8 +261,11 @@ latency() {
   sleep 1; python3 scripts/cores.py snap "$snaps/l0"
   local sampler=
   if [ -n "${LANES:-}" ]; then
-    LANES_EVERY_MS=20 python3 scripts/lanes.py "$((secs - 3))" "$DATABASE_URL" >"$snaps/lanes" &
+    # Bounded: lanes.py waits up to 5 minutes for a statement that a dead agent never runs.
+    LANES_EVERY_MS=20 timeout "$((secs + 10))" python3 scripts/lanes.py "$((secs - 3))" \
+      "$DATABASE_URL" >"$snaps/lanes" &
     sampler=$!
+    pids+=("$sampler")
   fi
   sleep "$((secs - 3))"; python3 scripts/cores.py snap "$snaps/l1"
   wait "$gen"

@@ -3,9 +3,9 @@
 //! agents, one partition and one key, so the partition's messages finish in order and only a
 //! stale owner could confirm a request twice. Owners leave with no shutdown drain: the
 //! transaction under way outlives the revoke of the member's close. (Leaving, rather than
-//! joining, triggers the rebalance: a join's revoke waits out `REBALANCE_DRAIN_TIMEOUT` first,
-//! and `tests/group.rs` covers that; librdkafka's mock coordinator refuses offset commits once
-//! a rebalance is pending.)
+//! joining, triggers the rebalance: a join's revoke drains first, up to
+//! `REBALANCE_DRAIN_TIMEOUT`, so the transaction under way would finish inside it;
+//! `tests/group.rs` covers joins.)
 
 mod common;
 
