@@ -50,7 +50,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 /// Heap a decode may take: per byte of message (a one-byte Avro item becomes a `Value` tree
-/// node, then JSON, then the request) plus a fixed allowance for the decoder's own setup.
+/// node, then part of the request) plus a fixed allowance for the decoder's own setup.
 const BYTES_PER_MESSAGE_BYTE: isize = 400;
 const FIXED_ALLOWANCE: isize = 256 * 1024;
 

@@ -10,6 +10,7 @@ use crate::message::model::PersistenceRequest;
 pub mod bounds;
 pub mod error;
 mod prepared;
+mod request;
 pub mod schemas;
 pub mod wire;
 
@@ -105,23 +106,8 @@ impl Decoder {
                 body.len() - used
             )));
         }
-        let value = writer.read(body, &self.reader)?;
-        let mut json =
-            serde_json::Value::try_from(value).map_err(|e| DecodeError::Contract(e.to_string()))?;
-        unwrap_json_strings(&mut json)?;
-        serde_json::from_value(json).map_err(|e| DecodeError::Contract(e.to_string()))
+        request::request(writer.read(body, &self.reader)?)
     }
-}
-
-/// Avro carries `context.preferences` as JSON text; the model holds it as a JSON object.
-fn unwrap_json_strings(json: &mut serde_json::Value) -> Result<(), DecodeError> {
-    if let Some(p) = json.pointer_mut("/context/preferences") {
-        if let serde_json::Value::String(s) = p {
-            *p = serde_json::from_str(s)
-                .map_err(|e| DecodeError::Contract(format!("context.preferences: {e}")))?;
-        }
-    }
-    Ok(())
 }
 
 fn looks_like_json(payload: &[u8]) -> bool {
