@@ -29,6 +29,9 @@
 #                          were doing: scripts/lanes.py, sampling every 20 ms; off by default:
 #                          the sampler's own process takes about 0.04 cores from the run it
 #                          describes, and its queries some of PostgreSQL's),
+#                          TIMELINE=1 (under each latency run, its latency half a second at a
+#                          time beside the agent's in-flight messages and batches: scripts/
+#                          timeline.py, reading /metrics every 100 ms; off by default, as LANES),
 #                          MOCK_BROKER=<binary> (else a release build of examples/mock_broker),
 #                          MOCK_FETCH_WAIT_MS=5 (fetch.wait.max.ms of latency-mock's consumers;
 #                          its tier and dead-letter topics are made for the default RETRY_DELAYS,
@@ -267,10 +270,17 @@ latency() {
     sampler=$!
     pids+=("$sampler")
   fi
+  local timeline=
+  if [ -n "${TIMELINE:-}" ]; then
+    python3 scripts/timeline.py sample "http://${addrs[0]}/metrics" "$secs" "$snaps/timeline" &
+    timeline=$!
+    pids+=("$timeline")
+  fi
   sleep "$((secs - 3))"; python3 scripts/cores.py snap "$snaps/l1"
   wait "$gen"
   ckpt1=$(checkpoints) || ckpt1=
-  line=$(python3 scripts/latency.py "$brokers" "$topic" "$results" "$count")
+  [ -z "$timeline" ] || wait "$timeline" || echo "timeline.py failed" >&2
+  line=$(LATENCY_RAW=${timeline:+$snaps/latencies} python3 scripts/latency.py "$brokers" "$topic" "$results" "$count")
   printf '%-15s %s at %s requests/s\n' "$label" "$line" "$half"
   printf '%15s %s\n' "" "$(python3 scripts/cores.py diff "$snaps/l0" "$snaps/l1" "${run_pids[@]}")"
   # How much of it is the database's: the transactions against the whole span in the agent,
@@ -281,6 +291,10 @@ latency() {
     "$([ -n "$ckpt0" ] && [ -n "$ckpt1" ] && echo $((ckpt1 - ckpt0)) || echo unknown)"
   if [ -n "$sampler" ]; then
     wait "$sampler" && sed 's/^/                /' "$snaps/lanes" || echo "lanes.py failed" >&2
+  fi
+  if [ -n "$timeline" ]; then
+    python3 scripts/timeline.py report "$snaps/timeline" "$snaps/latencies" |
+      sed 's/^/                /' || echo "timeline.py report failed" >&2
   fi
   stop_agents
   broker=$(env "$@" python3 scripts/broker-latency.py "$brokers" "$half" "$secs" ${hop_topic:+"$hop_topic"})

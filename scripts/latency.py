@@ -6,9 +6,12 @@ Kafka timestamp (set by the producer) to the Kafka timestamp of its result event
 
 Reads both topics from the beginning (its own throwaway group, nothing committed) until COUNT
 results have arrived or 60 s pass without a new one. Prints one line:
-"latency p50 <ms> ms, p95 <ms> ms, p99 <ms> ms, max <ms> ms (<n> requests)".
+"latency p50 <ms> ms, p95 <ms> ms, p99 <ms> ms, max <ms> ms (<n> requests)". With
+LATENCY_RAW=<file>, also writes each matched request's Kafka timestamp and latency (ms), one
+per line, for scripts/timeline.py.
 """
 import json
+import os
 import sys
 import time
 import uuid
@@ -49,7 +52,11 @@ def main():
     count = int(count)
     sent = read(brokers, input_topic, lambda v: v["metadata"]["requestId"], count)
     done = read(brokers, results_topic, lambda v: v["requestId"], count)
-    lat = sorted(done[r] - sent[r] for r in done if r in sent)
+    matched = [(sent[r], done[r] - sent[r]) for r in done if r in sent]
+    lat = sorted(ms for _, ms in matched)
+    if os.environ.get("LATENCY_RAW"):
+        with open(os.environ["LATENCY_RAW"], "w") as f:
+            f.writelines(f"{t} {ms}\n" for t, ms in matched)
     if not lat:
         sys.exit("latency: no request matched a result")
     if len(lat) < count:

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""A latency run's tail, half a second at a time: when the slow requests were produced, and what
+the agent was doing then.
+
+    python3 scripts/timeline.py sample METRICS_URL SECONDS OUT   (while the load runs)
+    python3 scripts/timeline.py report OUT LATENCIES             (after: LATENCIES from latency.py)
+
+`sample` reads the agent's /metrics every 100 ms (TIMELINE_EVERY_MS) for SECONDS, in-process
+(no fork per sample: a `curl` loop every 50 ms cost the run enough cores to lengthen the very
+tail it was to explain), and writes one line per sample: wall-clock ms, messages in flight on
+the main consumer, requests settled by transactions so far, batch transactions so far.
+
+`report` bins by the requests' Kafka timestamps (the same wall clock, on one machine) and
+prints, for each half second: requests produced, their p50 / p99 / max latency, and from the
+samples in that half second the messages in flight (mean and max), requests settled per
+second, batch transactions per second and their mean size. In-flight swelling while batches
+per second fall and grow is the database's transactions slowing (the lanes full); in-flight
+falling while latency grows is work not reaching the agent (the broker, the consumer).
+"""
+import os
+import re
+import sys
+import time
+import urllib.request
+
+IN_FLIGHT = re.compile(r'^persistence_agent_in_flight_messages\{consumer="main"\} (\S+)$', re.M)
+ATTEMPTS = re.compile(r'^persistence_agent_transaction_attempts_total\{[^}]*\} (\S+)$', re.M)
+BATCHES = re.compile(r'^persistence_agent_batch_transactions_total\{[^}]*\} (\S+)$', re.M)
+BIN_MS = 500
+
+
+def sample(url, seconds, out):
+    every = float(os.environ.get("TIMELINE_EVERY_MS", "100")) / 1000
+    end = time.monotonic() + seconds
+    with open(out, "w") as f:
+        while time.monotonic() < end:
+            try:
+                text = urllib.request.urlopen(url, timeout=1).read().decode()
+            except OSError:
+                time.sleep(every)
+                continue
+            now = int(time.time() * 1000)
+            in_flight = sum(float(v) for v in IN_FLIGHT.findall(text))
+            attempts = sum(float(v) for v in ATTEMPTS.findall(text))
+            batches = sum(float(v) for v in BATCHES.findall(text))
+            f.write(f"{now} {in_flight:.0f} {attempts:.0f} {batches:.0f}\n")
+            time.sleep(every)
+
+
+def report(samples_file, latencies_file):
+    samples = [tuple(map(int, line.split())) for line in open(samples_file) if line.strip()]
+    lat = [tuple(map(int, line.split())) for line in open(latencies_file) if line.strip()]
+    if not lat or len(samples) < 2:
+        sys.exit("timeline.py: nothing to report")
+    t0 = min(sent for sent, _ in lat)
+    bins = {}
+    for sent, ms in lat:
+        bins.setdefault((sent - t0) // BIN_MS, []).append(ms)
+    rates = {}
+    for (ta, fa, aa, ba), (tb, fb, ab, bb) in zip(samples, samples[1:]):
+        if tb > ta:
+            rates.setdefault((tb - t0) // BIN_MS, []).append(
+                (fb, (ab - aa) * 1000 / (tb - ta), (bb - ba) * 1000 / (tb - ta)))
+    print("from the first request   requests  p50 / p99 / max ms   in flight mean / max"
+          "   settled/s  batches/s  mean batch")
+    for k in sorted(bins):
+        v = sorted(bins[k])
+        line = (f"t+{k * BIN_MS / 1000:5.1f} s {len(v):17d}  "
+                f"{v[len(v) // 2]:4d} / {v[int(len(v) * 0.99)]:4d} / {v[-1]:4d}")
+        r = rates.get(k)
+        if r:
+            fl = [x[0] for x in r]
+            settled = sum(x[1] for x in r) / len(r)
+            batches = sum(x[2] for x in r) / len(r)
+            size = f"{settled / batches:10.1f}" if batches else f"{'-':>10}"
+            line += (f"   {sum(fl) / len(fl):9.0f} / {max(fl):4d}"
+                     f"   {settled:9.0f}  {batches:9.0f}  {size}")
+        print(line)
+
+
+def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "sample":
+        sample(sys.argv[2], float(sys.argv[3]), sys.argv[4])
+    elif len(sys.argv) == 4 and sys.argv[1] == "report":
+        report(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
