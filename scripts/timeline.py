@@ -8,12 +8,12 @@ the agent was doing then.
 `sample` reads the agent's /metrics every 100 ms (TIMELINE_EVERY_MS) for SECONDS, in-process
 (no fork per sample: a `curl` loop every 50 ms cost the run enough cores to lengthen the very
 tail it was to explain), and writes one line per sample: wall-clock ms, messages in flight on
-the main consumer, requests settled by transactions so far, batch transactions so far.
+the main consumer, requests settled by transactions so far, batches committed so far.
 
 `report` bins by the requests' Kafka timestamps (the same wall clock, on one machine) and
 prints, for each half second: requests produced, their p50 / p99 / max latency, and from the
 samples in that half second the messages in flight (mean and max), requests settled per
-second, batch transactions per second and their mean size. In-flight swelling while batches
+second (written or found in the ledger), batches committed per second and their mean size. In-flight swelling while batches
 per second fall and grow is the database's transactions slowing (the lanes full); in-flight
 falling while latency grows is work not reaching the agent (the broker, the consumer).
 """
@@ -24,8 +24,13 @@ import time
 import urllib.request
 
 IN_FLIGHT = re.compile(r'^persistence_agent_in_flight_messages\{consumer="main"\} (\S+)$', re.M)
-ATTEMPTS = re.compile(r'^persistence_agent_transaction_attempts_total\{[^}]*\} (\S+)$', re.M)
-BATCHES = re.compile(r'^persistence_agent_batch_transactions_total\{[^}]*\} (\S+)$', re.M)
+# Attempts that settled a request (written, or found in the ledger), and batches committed: a
+# failed attempt is retried, and would count twice.
+SETTLED = re.compile(
+    r'^persistence_agent_transaction_attempts_total\{result="(?:committed|duplicate)"\} (\S+)$',
+    re.M)
+BATCHES = re.compile(
+    r'^persistence_agent_batch_transactions_total\{result="committed"\} (\S+)$', re.M)
 BIN_MS = 500
 
 
@@ -41,7 +46,7 @@ def sample(url, seconds, out):
                 continue
             now = int(time.time() * 1000)
             in_flight = sum(float(v) for v in IN_FLIGHT.findall(text))
-            attempts = sum(float(v) for v in ATTEMPTS.findall(text))
+            attempts = sum(float(v) for v in SETTLED.findall(text))
             batches = sum(float(v) for v in BATCHES.findall(text))
             f.write(f"{now} {in_flight:.0f} {attempts:.0f} {batches:.0f}\n")
             time.sleep(every)
