@@ -13,9 +13,10 @@ the main consumer, requests settled by transactions so far, batches committed so
 `report` bins by the requests' Kafka timestamps (the same wall clock, on one machine) and
 prints, for each half second: requests produced, their p50 / p99 / max latency, and from the
 samples in that half second the messages in flight (mean and max), requests settled per
-second (written or found in the ledger), batches committed per second and their mean size. In-flight swelling while batches
-per second fall and grow is the database's transactions slowing (the lanes full); in-flight
-falling while latency grows is work not reaching the agent (the broker, the consumer).
+second (written or found in the ledger), batches committed per second and their mean size.
+In-flight swelling while batches get fewer and larger, at the same requests per second,
+points at slower transactions (the lanes full); in-flight falling while latency grows, at
+work not reaching the agent (the broker, the consumer).
 """
 import os
 import re

@@ -51,7 +51,7 @@ fn book(value: Value) -> Result<JustifiedBook, DecodeError> {
 
 fn breakdown(value: Value) -> Result<Json, DecodeError> {
     let Value::Map(items) = value else {
-        return Err(unexpected("scoreBreakdown", &value));
+        return Err(unexpected("scoreBreakdown as a map", &value));
     };
     let mut map = Map::new();
     for (k, v) in items {
