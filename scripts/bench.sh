@@ -30,8 +30,10 @@
 #                          the sampler's own process takes about 0.04 cores from the run it
 #                          describes, and its queries some of PostgreSQL's),
 #                          TIMELINE=1 (under each latency run, its latency half a second at a
-#                          time beside the agent's in-flight messages and batches: scripts/
-#                          timeline.py, reading /metrics every 100 ms; off by default, as LANES),
+#                          time beside the agent's in-flight messages and batches, the idle
+#                          cores, runnable threads and ms per disk write: scripts/timeline.py,
+#                          reading /metrics and /proc every 100 ms; off by default, as LANES),
+#                          LATENCY_LINGER_MS=1 (linger.ms of the latency runs' load generator),
 #                          MOCK_BROKER=<binary> (else a release build of examples/mock_broker),
 #                          MOCK_FETCH_WAIT_MS=5 (fetch.wait.max.ms of latency-mock's consumers;
 #                          its tier and dead-letter topics are made for the default RETRY_DELAYS,
@@ -253,7 +255,11 @@ latency() {
   answers "http://${addrs[0]}/readyz" "join its group"
   # linger.ms=1: one record per produce request could not keep up at 3,000/s on tansu (and
   # at half rate the agent does not pause, so the multi-record batch stall above is moot).
-  KAFKA_BROKERS=$brokers $agent produce --kafka-config linger.ms=1 --topic "$topic" --sample \
+  # LATENCY_LINGER_MS=5 makes fewer, larger record batches: librdkafka's mock cluster finds a
+  # fetch's offset by walking its partition's batches from the oldest, so its CPU grows
+  # through a run with their number (BENCHMARKS.md, seventh session).
+  KAFKA_BROKERS=$brokers $agent produce --kafka-config "linger.ms=${LATENCY_LINGER_MS:-1}" \
+    --topic "$topic" --sample \
     --count "$count" --users "$users" --format json --rate "$half" >/dev/null &
   local gen=$!
   pids+=("$gen")

@@ -8,13 +8,16 @@ the agent was doing then.
 `sample` reads the agent's /metrics every 100 ms (TIMELINE_EVERY_MS) for SECONDS, in-process
 (no fork per sample: a `curl` loop every 50 ms cost the run enough cores to lengthen the very
 tail it was to explain), and writes one line per sample: wall-clock ms, messages in flight on
-the main consumer, requests settled by transactions so far, batches committed so far.
+the main consumer, requests settled by transactions so far, batches committed so far, and from
+/proc the machine's idle and total CPU time, its runnable threads, and its disks' writes and
+milliseconds spent writing so far.
 
 `report` bins by the requests' Kafka timestamps (the same wall clock, on one machine) and
 prints, for each half second: requests produced, their p50 / p99 / max latency, and from the
 samples in that half second the messages in flight (mean and max), requests settled per
-second (written or found in the ledger), batches committed per second and their mean size.
-In-flight swelling while batches get fewer and larger, at the same requests per second,
+second (written or found in the ledger), batches committed per second and their mean size,
+the cores left idle (iowait counted idle), the runnable threads, and milliseconds per disk
+write. In-flight swelling while batches get fewer and larger, at the same requests per second,
 points at slower transactions (the lanes full); in-flight falling while latency grows, at
 work not reaching the agent (the broker, the consumer).
 """
@@ -33,6 +36,26 @@ SETTLED = re.compile(
 BATCHES = re.compile(
     r'^persistence_agent_batch_transactions_total\{result="committed"\} (\S+)$', re.M)
 BIN_MS = 500
+# Whole disks, not their partitions (nor zram or loop devices).
+DISK = re.compile(r'^(sd[a-z]+|vd[a-z]+|xvd[a-z]+|nvme\d+n\d+)$')
+
+
+def machine():
+    """Idle and total CPU ticks, runnable threads, disk writes and ms writing, so far."""
+    idle = total = running = 0
+    for line in open("/proc/stat"):
+        f = line.split()
+        if f[0] == "cpu":
+            ticks = [int(x) for x in f[1:9]]
+            idle, total = ticks[3] + ticks[4], sum(ticks)
+        elif f[0] == "procs_running":
+            running = int(f[1])
+    writes = writing_ms = 0
+    for line in open("/proc/diskstats"):
+        f = line.split()
+        if DISK.match(f[2]):
+            writes, writing_ms = writes + int(f[7]), writing_ms + int(f[10])
+    return idle, total, running, writes, writing_ms
 
 
 def sample(url, seconds, out):
@@ -49,7 +72,8 @@ def sample(url, seconds, out):
             in_flight = sum(float(v) for v in IN_FLIGHT.findall(text))
             attempts = sum(float(v) for v in SETTLED.findall(text))
             batches = sum(float(v) for v in BATCHES.findall(text))
-            f.write(f"{now} {in_flight:.0f} {attempts:.0f} {batches:.0f}\n")
+            f.write(f"{now} {in_flight:.0f} {attempts:.0f} {batches:.0f} "
+                    f"{' '.join(map(str, machine()))}\n")
             time.sleep(every)
 
 
@@ -58,29 +82,34 @@ def report(samples_file, latencies_file):
     lat = [tuple(map(int, line.split())) for line in open(latencies_file) if line.strip()]
     if not lat or len(samples) < 2:
         sys.exit("timeline.py: nothing to report")
+    cpus = os.cpu_count() or 1
     t0 = min(sent for sent, _ in lat)
     bins = {}
     for sent, ms in lat:
         bins.setdefault((sent - t0) // BIN_MS, []).append(ms)
     rates = {}
-    for (ta, fa, aa, ba), (tb, fb, ab, bb) in zip(samples, samples[1:]):
-        if tb > ta:
-            rates.setdefault((tb - t0) // BIN_MS, []).append(
-                (fb, (ab - aa) * 1000 / (tb - ta), (bb - ba) * 1000 / (tb - ta)))
+    for a, b in zip(samples, samples[1:]):
+        secs = (b[0] - a[0]) / 1000
+        if secs <= 0:
+            continue
+        d = [y - x for x, y in zip(a, b)]
+        rates.setdefault((b[0] - t0) // BIN_MS, []).append((
+            b[1], d[2] / secs, d[3] / secs,
+            cpus * d[4] / d[5] if d[5] else 0.0, b[6], d[8] / d[7] if d[7] else 0.0))
     print("from the first request   requests  p50 / p99 / max ms   in flight mean / max"
-          "   settled/s  batches/s  mean batch")
+          "   settled/s  batches/s  mean batch   idle cores  runnable  ms/write")
     for k in sorted(bins):
         v = sorted(bins[k])
         line = (f"t+{k * BIN_MS / 1000:5.1f} s {len(v):17d}  "
                 f"{v[len(v) // 2]:4d} / {v[int(len(v) * 0.99)]:4d} / {v[-1]:4d}")
         r = rates.get(k)
         if r:
-            fl = [x[0] for x in r]
-            settled = sum(x[1] for x in r) / len(r)
-            batches = sum(x[2] for x in r) / len(r)
+            mean = lambda i: sum(x[i] for x in r) / len(r)
+            settled, batches = mean(1), mean(2)
             size = f"{settled / batches:10.1f}" if batches else f"{'-':>10}"
-            line += (f"   {sum(fl) / len(fl):9.0f} / {max(fl):4d}"
-                     f"   {settled:9.0f}  {batches:9.0f}  {size}")
+            line += (f"   {mean(0):9.0f} / {max(x[0] for x in r):4d}"
+                     f"   {settled:9.0f}  {batches:9.0f}  {size}"
+                     f"   {mean(3):10.2f}  {mean(4):8.1f}  {mean(5):8.2f}")
         print(line)
 
 
