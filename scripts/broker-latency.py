@@ -58,7 +58,9 @@ def main():
 
     reader = threading.Thread(target=consume)
     reader.start()
-    producer = Producer({"bootstrap.servers": brokers, "linger.ms": 1})
+    # The agent's load generator's linger (bench.sh's LATENCY_LINGER_MS), so the hop compares.
+    linger = int(os.environ.get("LATENCY_LINGER_MS", "1"))
+    producer = Producer({"bootstrap.servers": brokers, "linger.ms": linger})
     start = time.time()
     for i in range(n):
         while time.time() < start + i / rate:

@@ -10,14 +10,15 @@ the agent was doing then.
 tail it was to explain), and writes one line per sample: wall-clock ms, messages in flight on
 the main consumer, requests settled by transactions so far, batches committed so far, and from
 /proc the machine's idle and total CPU time, its runnable threads, and its disks' writes and
-milliseconds spent writing so far.
+milliseconds spent writing so far (the runnable threads count the sampler itself).
 
 `report` bins by the requests' Kafka timestamps (the same wall clock, on one machine) and
 prints, for each half second: requests produced, their p50 / p99 / max latency, and from the
 samples in that half second the messages in flight (mean and max), requests settled per
 second (written or found in the ledger), batches committed per second and their mean size,
 the cores left idle (iowait counted idle), the runnable threads, and milliseconds per disk
-write. In-flight swelling while batches get fewer and larger, at the same requests per second,
+write (a bin's total writing time over its writes; `-` with none, or no disk recognised). Idle
+cores come from 100 ms samples of the CPU time, good to about 0.1 core. In-flight swelling while batches get fewer and larger, at the same requests per second,
 points at slower transactions (the lanes full); in-flight falling while latency grows, at
 work not reaching the agent (the broker, the consumer).
 """
@@ -45,6 +46,8 @@ def machine():
     idle = total = running = 0
     for line in open("/proc/stat"):
         f = line.split()
+        if not f:
+            continue
         if f[0] == "cpu":
             ticks = [int(x) for x in f[1:9]]
             idle, total = ticks[3] + ticks[4], sum(ticks)
@@ -53,7 +56,7 @@ def machine():
     writes = writing_ms = 0
     for line in open("/proc/diskstats"):
         f = line.split()
-        if DISK.match(f[2]):
+        if len(f) > 10 and DISK.match(f[2]):
             writes, writing_ms = writes + int(f[7]), writing_ms + int(f[10])
     return idle, total, running, writes, writing_ms
 
@@ -65,6 +68,7 @@ def sample(url, seconds, out):
         while time.monotonic() < end:
             try:
                 text = urllib.request.urlopen(url, timeout=1).read().decode()
+                proc = machine()
             except OSError:
                 time.sleep(every)
                 continue
@@ -73,7 +77,7 @@ def sample(url, seconds, out):
             attempts = sum(float(v) for v in SETTLED.findall(text))
             batches = sum(float(v) for v in BATCHES.findall(text))
             f.write(f"{now} {in_flight:.0f} {attempts:.0f} {batches:.0f} "
-                    f"{' '.join(map(str, machine()))}\n")
+                    f"{' '.join(map(str, proc))}\n")
             time.sleep(every)
 
 
@@ -82,20 +86,19 @@ def report(samples_file, latencies_file):
     lat = [tuple(map(int, line.split())) for line in open(latencies_file) if line.strip()]
     if not lat or len(samples) < 2:
         sys.exit("timeline.py: nothing to report")
+    if any(len(x) != 9 for x in samples):
+        sys.exit("timeline.py: samples not of this version's 9 columns")
     cpus = os.cpu_count() or 1
     t0 = min(sent for sent, _ in lat)
     bins = {}
     for sent, ms in lat:
         bins.setdefault((sent - t0) // BIN_MS, []).append(ms)
+    # Per bin: the samples' in-flight and runnable, and the deltas of every counter, summed.
     rates = {}
     for a, b in zip(samples, samples[1:]):
-        secs = (b[0] - a[0]) / 1000
-        if secs <= 0:
-            continue
-        d = [y - x for x, y in zip(a, b)]
-        rates.setdefault((b[0] - t0) // BIN_MS, []).append((
-            b[1], d[2] / secs, d[3] / secs,
-            cpus * d[4] / d[5] if d[5] else 0.0, b[6], d[8] / d[7] if d[7] else 0.0))
+        if b[0] > a[0]:
+            rates.setdefault((b[0] - t0) // BIN_MS, []).append(
+                (b[1], b[6], [y - x for x, y in zip(a, b)]))
     print("from the first request   requests  p50 / p99 / max ms   in flight mean / max"
           "   settled/s  batches/s  mean batch   idle cores  runnable  ms/write")
     for k in sorted(bins):
@@ -104,12 +107,15 @@ def report(samples_file, latencies_file):
                 f"{v[len(v) // 2]:4d} / {v[int(len(v) * 0.99)]:4d} / {v[-1]:4d}")
         r = rates.get(k)
         if r:
-            mean = lambda i: sum(x[i] for x in r) / len(r)
-            settled, batches = mean(1), mean(2)
+            d = [sum(x[2][i] for x in r) for i in range(9)]
+            secs = d[0] / 1000
+            settled, batches = d[2] / secs, d[3] / secs
             size = f"{settled / batches:10.1f}" if batches else f"{'-':>10}"
-            line += (f"   {mean(0):9.0f} / {max(x[0] for x in r):4d}"
+            idle = f"{cpus * d[4] / d[5]:10.2f}" if d[5] else f"{'-':>10}"
+            write = f"{d[8] / d[7]:8.2f}" if d[7] else f"{'-':>8}"
+            line += (f"   {sum(x[0] for x in r) / len(r):9.0f} / {max(x[0] for x in r):4d}"
                      f"   {settled:9.0f}  {batches:9.0f}  {size}"
-                     f"   {mean(3):10.2f}  {mean(4):8.1f}  {mean(5):8.2f}")
+                     f"   {idle}  {sum(x[1] for x in r) / len(r):8.1f}  {write}")
         print(line)
 
 
