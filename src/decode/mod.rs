@@ -16,6 +16,7 @@ pub mod wire;
 
 pub use error::DecodeError;
 use prepared::{ById, Prepared, Reader};
+pub use request::avro_value;
 use schemas::SchemaRegistry;
 pub use wire::{confluent, fingerprint, single_object, CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC};
 

@@ -1,5 +1,6 @@
 //! An Avro value, resolved to the reader schema, turned into a [`PersistenceRequest`] by moving
-//! its strings out. Going through serde_json's tree instead (Avro value → JSON value → request)
+//! its strings out. Resolution has already promoted ints to longs and floats to doubles, and
+//! made every optional field a union, so only those shapes are read. Going through serde_json's tree instead (Avro value → JSON value → request)
 //! built and dropped a second tree of maps per message: an Avro decode took 5.6 us with it and
 //! 4.0 us without (`cargo bench --bench decode`). It reads what the detour read, as the detour
 //! read it (`reads_every_field_as_json_does`); a field added to the model does not compile here
@@ -10,6 +11,18 @@ use serde_json::{Map, Number, Value as Json};
 
 use super::DecodeError;
 use crate::message::model::{JustifiedBook, PersistenceRequest, ReaderContext, RequestMetadata};
+
+/// A JSON-shaped request as an Avro value of `schema` (a writer's side: `produce`, tests).
+pub fn avro_value(json: &Json, schema: &apache_avro::Schema) -> anyhow::Result<Value> {
+    let mut json = json.clone();
+    // Avro carries free-form preferences as JSON text.
+    if let Some(p) = json.pointer_mut("/context/preferences") {
+        if !p.is_null() && !p.is_string() {
+            *p = Json::String(p.to_string());
+        }
+    }
+    Ok(Value::from(json).resolve(schema)?)
+}
 
 pub(super) fn request(value: Value) -> Result<PersistenceRequest, DecodeError> {
     let mut r = Record::new(value, "request")?;
@@ -101,17 +114,14 @@ fn string(value: Value) -> Result<String, DecodeError> {
 fn long(value: Value) -> Result<i64, DecodeError> {
     match value {
         Value::Long(n) => Ok(n),
-        Value::Int(n) => Ok(n.into()),
         other => Err(unexpected("a long", &other)),
     }
 }
 
 /// JSON has no NaN or infinity, and the model's numbers are JSON's.
 fn finite(value: Value, field: &str) -> Result<f64, DecodeError> {
-    let d = match value {
-        Value::Double(d) => d,
-        Value::Float(f) => f.into(),
-        other => return Err(unexpected("a double", &other)),
+    let Value::Double(d) = value else {
+        return Err(unexpected("a double", &value));
     };
     match d.is_finite() {
         true => Ok(d),
@@ -137,8 +147,7 @@ fn optional<T>(
     match value {
         Value::Union(_, inner) if *inner == Value::Null => Ok(None),
         Value::Union(_, inner) => some(*inner).map(Some),
-        Value::Null => Ok(None),
-        other => some(other).map(Some),
+        other => Err(unexpected("a union", &other)),
     }
 }
 
@@ -180,13 +189,8 @@ mod tests {
     }
 
     fn avro(req: &PersistenceRequest) -> Value {
-        let mut json = serde_json::to_value(req).unwrap();
-        if let Some(p) = json.pointer_mut("/context/preferences") {
-            *p = Json::String(p.to_string());
-        }
-        Value::from(json)
-            .resolve(&request_reader_schema().unwrap())
-            .unwrap()
+        let json = serde_json::to_value(req).unwrap();
+        avro_value(&json, &request_reader_schema().unwrap()).unwrap()
     }
 
     fn text() -> impl Strategy<Value = String> {

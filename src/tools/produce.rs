@@ -178,14 +178,7 @@ pub fn encode_avro(
     format: WireFormat,
     schema_id: u32,
 ) -> anyhow::Result<Vec<u8>> {
-    let mut json = json.clone();
-    // Avro carries free-form preferences as JSON text.
-    if let Some(p) = json.pointer_mut("/context/preferences") {
-        if !p.is_null() && !p.is_string() {
-            *p = serde_json::Value::String(p.to_string());
-        }
-    }
-    let value = apache_avro::types::Value::from(json).resolve(schema)?;
+    let value = crate::decode::avro_value(json, schema)?;
     match format {
         WireFormat::AvroConfluent => crate::decode::confluent(schema, schema_id, value),
         WireFormat::AvroSingle => crate::decode::single_object(schema, value),
