@@ -278,7 +278,7 @@ latency() {
   fi
   local timeline=
   if [ -n "${TIMELINE:-}" ]; then
-    python3 scripts/timeline.py sample "http://${addrs[0]}/metrics" "$secs" "$snaps/timeline" &
+    python3 scripts/timeline.py sample "http://${addrs[0]}/metrics" "$secs" "$snaps/timeline" "${run_pids[@]}" &
     timeline=$!
     pids+=("$timeline")
   fi

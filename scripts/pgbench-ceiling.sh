@@ -6,7 +6,8 @@
 # 1-5 distinct catalogue books each, as the benchmark's load.
 # With BATCH=B (> 1) it runs the agent's batched statement instead (src/persist/batch/sql.rs):
 # B requests of distinct users with 3 books each per transaction.
-#   scripts/pgbench-ceiling.sh [SECONDS]   CLIENTS=16 USERS=10000 BATCH=1 (DATABASE_URL as test.sh)
+#   scripts/pgbench-ceiling.sh [SECONDS]   CLIENTS=16 USERS=10000 BATCH=1 AGENT=<release build>
+#                                          (DATABASE_URL as test.sh; without AGENT it builds one)
 # Prints one line: "pgbench <requests/s> requests/s (<tps> tps, <clients> clients, <retried>
 # retried, <failed> failed)".
 set -euo pipefail
@@ -21,8 +22,10 @@ schema=pgbench_$(date +%s)_$$
 work=$(mktemp -d)
 cleanup() { [ -z "${KEEP_SCRIPTS:-}" ] || cp "$work"/*.sql "$KEEP_SCRIPTS"/; psql "$DATABASE_URL" -qc "DROP SCHEMA IF EXISTS $schema CASCADE" 2>/dev/null || true; rm -rf "$work"; }
 at_exit cleanup
-cargo build --release --locked --bin persistence-agent >&2
-DATABASE_SCHEMA=$schema target/release/persistence-agent migrate --sample-catalogue >/dev/null
+# AGENT: a build already made (as bench.sh takes it), so nothing is compiled while it measures.
+agent=${AGENT:-target/release/persistence-agent}
+[ -n "${AGENT:-}" ] || cargo build --release --locked --bin persistence-agent >&2
+DATABASE_SCHEMA=$schema "$agent" migrate --sample-catalogue >/dev/null
 psql "$DATABASE_URL" -qc "INSERT INTO $schema.partition_owner (topic, partition, generation)
   SELECT 'bench', p, 1 FROM generate_series(0, 5) p"
 

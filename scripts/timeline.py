@@ -2,25 +2,30 @@
 """A latency run's tail, half a second at a time: when the slow requests were produced, and what
 the agent was doing then.
 
-    python3 scripts/timeline.py sample METRICS_URL SECONDS OUT   (while the load runs)
-    python3 scripts/timeline.py report OUT LATENCIES             (after: LATENCIES from latency.py)
+    python3 scripts/timeline.py sample METRICS_URL SECONDS OUT [AGENT_PID...]  (while the load runs)
+    python3 scripts/timeline.py report OUT LATENCIES          (after: LATENCIES from latency.py)
 
 `sample` reads the agent's /metrics every 100 ms (TIMELINE_EVERY_MS) for SECONDS, in-process
 (no fork per sample: a `curl` loop every 50 ms cost the run enough cores to lengthen the very
 tail it was to explain), and writes one line per sample: wall-clock ms, messages in flight on
 the main consumer, requests settled by transactions so far, batches committed so far, and from
 /proc the machine's idle and total CPU time, its runnable threads, and its disks' writes and
-milliseconds spent writing so far (the runnable threads count the sampler itself).
+milliseconds spent writing so far (the runnable threads count the sampler itself), and the CPU
+time so far of the broker (tansu or the bench's mock_broker), the agent (AGENT_PIDs) and
+PostgreSQL (its processes are looked for again every second; one that started and ended
+between two looks is not counted).
 
 `report` bins by the requests' Kafka timestamps (the same wall clock, on one machine) and
 prints, for each half second: requests produced, their p50 / p99 / max latency, and from the
 samples in that half second the messages in flight (mean and max), requests settled per
 second (written or found in the ledger), batches committed per second and their mean size,
 the cores left idle (iowait counted idle), the runnable threads, and milliseconds per disk
-write (a bin's total writing time over its writes; `-` with none, or no disk recognised). Idle
-cores come from 100 ms samples of the CPU time, good to about 0.1 core. In-flight swelling while batches get fewer and larger, at the same requests per second,
-points at slower transactions (the lanes full); in-flight falling while latency grows, at
-work not reaching the agent (the broker, the consumer).
+write (a bin's total writing time over its writes; `-` with none, or no disk recognised), and
+the cores the broker, the agent and PostgreSQL used. Cores come from 100 ms samples of CPU time
+counted in ticks (10 ms), good to about 0.1 core for the idle ones, 0.02 for a bin's processes.
+In-flight swelling while batches get fewer and larger, at the same requests per second, points
+at slower transactions (the lanes full); in-flight falling while latency grows, at work not
+reaching the agent (the broker, the consumer); the processes' cores, at who took the machine.
 """
 import os
 import re
@@ -37,6 +42,7 @@ SETTLED = re.compile(
 BATCHES = re.compile(
     r'^persistence_agent_batch_transactions_total\{result="committed"\} (\S+)$', re.M)
 BIN_MS = 500
+COLUMNS = 12
 # Whole disks, not their partitions (nor zram or loop devices).
 DISK = re.compile(r'^(sd[a-z]+|vd[a-z]+|xvd[a-z]+|nvme\d+n\d+)$')
 
@@ -61,9 +67,57 @@ def machine():
     return idle, total, running, writes, writing_ms
 
 
-def sample(url, seconds, out):
+def ticks(pid):
+    """utime + stime of a process and its start time (telling a reused pid), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12]), fields[19]
+
+
+def watched(agents):
+    """The pids of the broker, the agent and PostgreSQL, by group (0, 1, 2)."""
+    found = {pid: 1 for pid in agents}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if comm == "tansu" or comm.startswith("mock_broker"):
+            found[pid] = 0
+        elif comm == "postgres":
+            found[pid] = 2
+    return found
+
+
+class Processes:
+    """CPU ticks the broker, the agent and PostgreSQL used so far, summed from the changes
+    between looks at the processes seen both times."""
+
+    def __init__(self, agents):
+        self.agents, self.looks, self.pids, self.last, self.used = agents, 0, {}, {}, [0, 0, 0]
+
+    def read(self):
+        if self.looks % 10 == 0:
+            self.pids = watched(self.agents)
+        self.looks += 1
+        now = {pid: t for pid in self.pids if (t := ticks(pid))}
+        for pid, (t, started) in now.items():
+            before = self.last.get(pid)
+            if before and before[1] == started:
+                self.used[self.pids[pid]] += t - before[0]
+        self.last = now
+        return self.used
+
+
+def sample(url, seconds, out, agents):
     every = float(os.environ.get("TIMELINE_EVERY_MS", "100")) / 1000
     end = time.monotonic() + seconds
+    procs = Processes(agents)
     with open(out, "w") as f:
         while time.monotonic() < end:
             try:
@@ -77,7 +131,7 @@ def sample(url, seconds, out):
             attempts = sum(float(v) for v in SETTLED.findall(text))
             batches = sum(float(v) for v in BATCHES.findall(text))
             f.write(f"{now} {in_flight:.0f} {attempts:.0f} {batches:.0f} "
-                    f"{' '.join(map(str, proc))}\n")
+                    f"{' '.join(map(str, proc))} {' '.join(map(str, procs.read()))}\n")
             time.sleep(every)
 
 
@@ -86,9 +140,9 @@ def report(samples_file, latencies_file):
     lat = [tuple(map(int, line.split())) for line in open(latencies_file) if line.strip()]
     if not lat or len(samples) < 2:
         sys.exit("timeline.py: nothing to report")
-    if any(len(x) != 9 for x in samples):
-        sys.exit("timeline.py: samples not of this version's 9 columns")
-    cpus = os.cpu_count() or 1
+    if any(len(x) != COLUMNS for x in samples):
+        sys.exit(f"timeline.py: samples not of this version's {COLUMNS} columns")
+    cpus, hz = os.cpu_count() or 1, os.sysconf("SC_CLK_TCK")
     t0 = min(sent for sent, _ in lat)
     bins = {}
     for sent, ms in lat:
@@ -100,14 +154,15 @@ def report(samples_file, latencies_file):
             rates.setdefault((b[0] - t0) // BIN_MS, []).append(
                 (b[1], b[6], [y - x for x, y in zip(a, b)]))
     print("from the first request   requests  p50 / p99 / max ms   in flight mean / max"
-          "   settled/s  batches/s  mean batch   idle cores  runnable  ms/write")
+          "   settled/s  batches/s  mean batch   idle cores  runnable  ms/write"
+          "   cores: broker / agent / postgres")
     for k in sorted(bins):
         v = sorted(bins[k])
         line = (f"t+{k * BIN_MS / 1000:5.1f} s {len(v):17d}  "
                 f"{v[len(v) // 2]:4d} / {v[int(len(v) * 0.99)]:4d} / {v[-1]:4d}")
         r = rates.get(k)
         if r:
-            d = [sum(x[2][i] for x in r) for i in range(9)]
+            d = [sum(x[2][i] for x in r) for i in range(COLUMNS)]
             secs = d[0] / 1000
             settled, batches = d[2] / secs, d[3] / secs
             size = f"{settled / batches:10.1f}" if batches else f"{'-':>10}"
@@ -115,13 +170,14 @@ def report(samples_file, latencies_file):
             write = f"{d[8] / d[7]:8.2f}" if d[7] else f"{'-':>8}"
             line += (f"   {sum(x[0] for x in r) / len(r):9.0f} / {max(x[0] for x in r):4d}"
                      f"   {settled:9.0f}  {batches:9.0f}  {size}"
-                     f"   {idle}  {sum(x[1] for x in r) / len(r):8.1f}  {write}")
+                     f"   {idle}  {sum(x[1] for x in r) / len(r):8.1f}  {write}"
+                     f"   {'  /  '.join(f'{t / hz / secs:.2f}' for t in d[9:12])}")
         print(line)
 
 
 def main():
-    if len(sys.argv) == 5 and sys.argv[1] == "sample":
-        sample(sys.argv[2], float(sys.argv[3]), sys.argv[4])
+    if len(sys.argv) >= 5 and sys.argv[1] == "sample":
+        sample(sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5:])
     elif len(sys.argv) == 4 and sys.argv[1] == "report":
         report(sys.argv[2], sys.argv[3])
     else:

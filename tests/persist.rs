@@ -203,3 +203,67 @@ async fn duplicate_of_a_request_recorded_by_an_earlier_release_gets_its_stored_c
     }
     assert_eq!(env.count("SELECT count(*) FROM recommendation").await, 2);
 }
+
+/// Protocol-level prepared statements of the connection `c`, by what they write (this query,
+/// prepared too while it runs, left out).
+async fn prepared(c: &deadpool_postgres::Object) -> Vec<String> {
+    let rows = c
+        .query(
+            "SELECT CASE WHEN statement LIKE '%unnest($1::text[]%' THEN 'batch' ELSE 'single' END
+             FROM pg_prepared_statements
+             WHERE NOT from_sql AND statement LIKE '%INSERT INTO processed_request%'
+               AND statement NOT LIKE '%pg_prepared_statements%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_opens_connections_with_statements_prepared() {
+    let env = Env::new(1).await;
+    let mut db = env.run_args(&[]).db;
+    db.database_pool_size = 4;
+    let pool = persistence_agent::persist::db::pool(&db).unwrap();
+    let batched = BatchConfig {
+        max: 8,
+        linger: Duration::from_millis(1),
+        concurrency: 2,
+    };
+    let p = Persister::new(
+        pool.clone(),
+        Duration::from_secs(5),
+        vec![],
+        Arc::new(Metrics::new()),
+        batched,
+    );
+    assert_eq!(p.warm(3).await, 3);
+    assert_eq!(pool.status().size, 3, "three connections opened, no more");
+    // Held at once, the pool's three connections: each has both statements prepared.
+    let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| pool.get())).await;
+    for c in held {
+        assert_eq!(prepared(&c.unwrap()).await, ["batch", "single"]);
+    }
+    assert_eq!(pool.status().size, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_a_schema_without_tables_warms_nothing_and_leaves_the_pool_usable() {
+    let env = Env::new(1).await;
+    let mut db = env.run_args(&[]).db;
+    db.database_schema = env.fresh_schema();
+    let pool = persistence_agent::persist::db::pool(&db).unwrap();
+    let p = Persister::new(
+        pool.clone(),
+        Duration::from_secs(5),
+        vec![],
+        Arc::new(Metrics::new()),
+        BatchConfig::OFF,
+    );
+    assert_eq!(p.warm(2).await, 0);
+    // The failed parse's transaction was ended: the connection answers.
+    let c = pool.get().await.unwrap();
+    let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}

@@ -104,6 +104,17 @@ impl Agent {
                  below DATABASE_POOL_SIZE"
             );
         }
+        // What the first requests would otherwise wait for: as many connections as the batch
+        // lanes use, and one for claims and parking (or one per worker, unbatched), each with
+        // its statements prepared. Not the whole pool: replicas would hold idle connections.
+        let wanted = if args.batch_max > 1 {
+            args.batch_concurrency + 1
+        } else {
+            tasks
+        };
+        let started = std::time::Instant::now();
+        let warmed = pipeline.persister.warm(wanted).await;
+        tracing::info!(connections = warmed, elapsed = ?started.elapsed(), "database connections warmed");
         if args.retry.order_by_key {
             tokio::spawn(reaper(
                 pipeline.clone(),

@@ -22,6 +22,7 @@ mod batch;
 pub mod db;
 pub mod park;
 mod sql;
+mod warm;
 
 pub use batch::{BatchConfig, BATCH_SQL};
 use batch::{Batcher, Member};
@@ -82,6 +83,16 @@ impl Persister {
 
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// Opens up to `connections` pooled connections and prepares this persister's statements
+    /// on each (the batch statement only when batching); returns how many were warmed.
+    pub async fn warm(&self, connections: usize) -> usize {
+        let mut statements = vec![sql::PERSIST_SQL];
+        if self.batcher.is_some() {
+            statements.push(BATCH_SQL);
+        }
+        warm::warm(&self.pool, connections, &statements, self.statement_timeout).await
     }
 
     /// Persists `req` under `request_id`, retrying transient failures in-process. The error is
