@@ -253,6 +253,14 @@ latency() {
   # Steady state, not the group join: requests produced before the agent holds its partitions
   # would wait for the join (seconds on the mock cluster).
   answers "http://${addrs[0]}/readyz" "join its group"
+  # From before the first request, so the load's first second is seen too.
+  local timeline=
+  if [ -n "${TIMELINE:-}" ]; then
+    python3 scripts/timeline.py sample "http://${addrs[0]}/metrics" "$((secs + 1))" \
+      "$snaps/timeline" "${run_pids[@]}" &
+    timeline=$!
+    pids+=("$timeline")
+  fi
   # linger.ms=1: one record per produce request could not keep up at 3,000/s on tansu (and
   # at half rate the agent does not pause, so the multi-record batch stall above is moot).
   # LATENCY_LINGER_MS=5 makes fewer, larger record batches: librdkafka's mock cluster finds a
@@ -275,12 +283,6 @@ latency() {
       "$DATABASE_URL" >"$snaps/lanes" &
     sampler=$!
     pids+=("$sampler")
-  fi
-  local timeline=
-  if [ -n "${TIMELINE:-}" ]; then
-    python3 scripts/timeline.py sample "http://${addrs[0]}/metrics" "$secs" "$snaps/timeline" "${run_pids[@]}" &
-    timeline=$!
-    pids+=("$timeline")
   fi
   sleep "$((secs - 3))"; python3 scripts/cores.py snap "$snaps/l1"
   wait "$gen"

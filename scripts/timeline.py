@@ -41,8 +41,12 @@ SETTLED = re.compile(
     re.M)
 BATCHES = re.compile(
     r'^persistence_agent_batch_transactions_total\{result="committed"\} (\S+)$', re.M)
+# Attempts, batched or single, that lost a serialization conflict or a deadlock (then retried).
+CONFLICTS = re.compile(
+    r'^persistence_agent_(?:batch_transactions|transaction_attempts)_total'
+    r'\{result="(?:serialization_failure|deadlock)"\} (\S+)$', re.M)
 BIN_MS = 500
-COLUMNS = 12
+COLUMNS = 13
 # Whole disks, not their partitions (nor zram or loop devices).
 DISK = re.compile(r'^(sd[a-z]+|vd[a-z]+|xvd[a-z]+|nvme\d+n\d+)$')
 
@@ -130,8 +134,10 @@ def sample(url, seconds, out, agents):
             in_flight = sum(float(v) for v in IN_FLIGHT.findall(text))
             attempts = sum(float(v) for v in SETTLED.findall(text))
             batches = sum(float(v) for v in BATCHES.findall(text))
+            conflicts = sum(float(v) for v in CONFLICTS.findall(text))
             f.write(f"{now} {in_flight:.0f} {attempts:.0f} {batches:.0f} "
-                    f"{' '.join(map(str, proc))} {' '.join(map(str, procs.read()))}\n")
+                    f"{' '.join(map(str, proc))} {' '.join(map(str, procs.read()))} "
+                    f"{conflicts:.0f}\n")
             time.sleep(every)
 
 
@@ -155,7 +161,7 @@ def report(samples_file, latencies_file):
                 (b[1], b[6], [y - x for x, y in zip(a, b)]))
     print("from the first request   requests  p50 / p99 / max ms   in flight mean / max"
           "   settled/s  batches/s  mean batch   idle cores  runnable  ms/write"
-          "   cores: broker / agent / postgres")
+          "   cores: broker / agent / postgres   conflicts/s")
     for k in sorted(bins):
         v = sorted(bins[k])
         line = (f"t+{k * BIN_MS / 1000:5.1f} s {len(v):17d}  "
@@ -171,7 +177,8 @@ def report(samples_file, latencies_file):
             line += (f"   {sum(x[0] for x in r) / len(r):9.0f} / {max(x[0] for x in r):4d}"
                      f"   {settled:9.0f}  {batches:9.0f}  {size}"
                      f"   {idle}  {sum(x[1] for x in r) / len(r):8.1f}  {write}"
-                     f"   {'  /  '.join(f'{t / hz / secs:.2f}' for t in d[9:12])}")
+                     f"   {'  /  '.join(f'{t / hz / secs:.2f}' for t in d[9:12])}"
+                     f"   {d[12] / secs:11.0f}")
         print(line)
 
 
