@@ -256,7 +256,7 @@ latency() {
   # From before the first request, so the load's first second is seen too.
   local timeline=
   if [ -n "${TIMELINE:-}" ]; then
-    python3 scripts/timeline.py sample "http://${addrs[0]}/metrics" "$((secs + 1))" \
+    python3 scripts/timeline.py sample "http://${addrs[0]}/metrics" "$((secs + 3))" \
       "$snaps/timeline" "${run_pids[@]}" &
     timeline=$!
     pids+=("$timeline")

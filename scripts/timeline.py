@@ -12,8 +12,8 @@ the main consumer, requests settled by transactions so far, batches committed so
 /proc the machine's idle and total CPU time, its runnable threads, and its disks' writes and
 milliseconds spent writing so far (the runnable threads count the sampler itself), and the CPU
 time so far of the broker (tansu or the bench's mock_broker), the agent (AGENT_PIDs) and
-PostgreSQL (its processes are looked for again every second; one that started and ended
-between two looks is not counted).
+PostgreSQL: every process of those names on the machine, looked for again every second (one
+that started and ended between two looks is not counted).
 
 `report` bins by the requests' Kafka timestamps (the same wall clock, on one machine) and
 prints, for each half second: requests produced, their p50 / p99 / max latency, and from the
@@ -22,7 +22,7 @@ second (written or found in the ledger), batches committed per second and their 
 the cores left idle (iowait counted idle), the runnable threads, and milliseconds per disk
 write (a bin's total writing time over its writes; `-` with none, or no disk recognised), and
 the cores the broker, the agent and PostgreSQL used. Cores come from 100 ms samples of CPU time
-counted in ticks (10 ms), good to about 0.1 core for the idle ones, 0.02 for a bin's processes.
+counted in ticks (10 ms): good to about 0.1 core for the idle ones, 0.02 per process a bin.
 In-flight swelling while batches get fewer and larger, at the same requests per second, points
 at slower transactions (the lanes full); in-flight falling while latency grows, at work not
 reaching the agent (the broker, the consumer); the processes' cores, at who took the machine.
@@ -98,12 +98,20 @@ def watched(agents):
     return found
 
 
+def uptime_ticks():
+    """Clock ticks since boot: the unit of a process's start time in /proc/<pid>/stat."""
+    with open("/proc/uptime") as f:
+        return int(float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
 class Processes:
     """CPU ticks the broker, the agent and PostgreSQL used so far, summed from the changes
-    between looks at the processes seen both times."""
+    between looks; a process first seen at a look counts whole if it started after the
+    sampler did (a backend opened during the load), else from that look on."""
 
     def __init__(self, agents):
         self.agents, self.looks, self.pids, self.last, self.used = agents, 0, {}, {}, [0, 0, 0]
+        self.since = uptime_ticks()
 
     def read(self):
         if self.looks % 10 == 0:
@@ -114,6 +122,8 @@ class Processes:
             before = self.last.get(pid)
             if before and before[1] == started:
                 self.used[self.pids[pid]] += t - before[0]
+            elif int(started) >= self.since:
+                self.used[self.pids[pid]] += t
         self.last = now
         return self.used
 

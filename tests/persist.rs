@@ -220,9 +220,28 @@ async fn prepared(c: &deadpool_postgres::Object) -> Vec<String> {
     rows.iter().map(|r| r.get(0)).collect()
 }
 
+/// Whether the connection `c` is outside any transaction with the session's own statement
+/// timeout (not the warm-up's `SET LOCAL`).
+async fn idle_with_session_settings(c: &deadpool_postgres::Object) -> bool {
+    // One message (the simple protocol): outside a transaction it starts one of its own, so
+    // now() and statement_timestamp() agree; in one begun earlier, now() is that one's start.
+    let rows = c
+        .simple_query(
+            "SELECT now() = statement_timestamp() AND current_setting('statement_timeout') <> '5s'",
+        )
+        .await
+        .unwrap();
+    let row = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0) == Some("t")),
+        _ => None,
+    });
+    row.expect("one row")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warming_opens_connections_with_statements_prepared() {
     let env = Env::new(1).await;
+    env.books(&["b1"]).await;
     let mut db = env.run_args(&[]).db;
     db.database_pool_size = 4;
     let pool = persistence_agent::persist::db::pool(&db).unwrap();
@@ -240,18 +259,26 @@ async fn warming_opens_connections_with_statements_prepared() {
     );
     assert_eq!(p.warm(3).await, 3);
     assert_eq!(pool.status().size, 3, "three connections opened, no more");
-    // Held at once, the pool's three connections: each has both statements prepared.
+    // A request written afterwards finds its statement prepared: none is prepared again.
+    p.persist(&req("u", "first"), "first", &source())
+        .await
+        .unwrap();
+    // Held at once, the pool's three connections: each has both statements prepared once, and
+    // is back outside any transaction.
     let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| pool.get())).await;
     for c in held {
-        assert_eq!(prepared(&c.unwrap()).await, ["batch", "single"]);
+        let c = c.unwrap();
+        assert_eq!(prepared(&c).await, ["batch", "single"]);
+        assert!(idle_with_session_settings(&c).await);
     }
     assert_eq!(pool.status().size, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn warming_a_schema_without_tables_warms_nothing_and_leaves_the_pool_usable() {
+async fn warming_where_the_tables_are_missing_warms_nothing_and_leaves_the_pool_usable() {
     let env = Env::new(1).await;
     let mut db = env.run_args(&[]).db;
+    // A schema not created: the statements cannot be parsed there.
     db.database_schema = env.fresh_schema();
     let pool = persistence_agent::persist::db::pool(&db).unwrap();
     let p = Persister::new(
@@ -262,8 +289,8 @@ async fn warming_a_schema_without_tables_warms_nothing_and_leaves_the_pool_usabl
         BatchConfig::OFF,
     );
     assert_eq!(p.warm(2).await, 0);
-    // The failed parse's transaction was ended: the connection answers.
+    // The failed parse's transaction was ended: the connections are pooled, and answer.
+    assert_eq!(pool.status().size, 2);
     let c = pool.get().await.unwrap();
-    let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
-    assert_eq!(one, 1);
+    assert!(idle_with_session_settings(&c).await);
 }

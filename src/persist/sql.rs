@@ -100,7 +100,7 @@ pub const CLAIM_SQL: &str =
      RETURNING generation";
 
 /// BEGIN of a SERIALIZABLE transaction with the attempt's statement timeout.
-fn begin_sql(timeout: Duration) -> String {
+pub(super) fn begin_sql(timeout: Duration) -> String {
     // A transaction whose client vanished (a half-open socket) would hold its share lock on
     // the partition's owner row until the server's own keepalive gives up, hours later.
     format!(

@@ -7,9 +7,14 @@ use std::time::Duration;
 use deadpool_postgres::{Object, Pool};
 use futures_util::future::join_all;
 
-/// Added to the statement timeout for the whole warm-up: a connection that neither answers nor
-/// fails must not hold up the start.
-const MARGIN: Duration = Duration::from_secs(5);
+use super::sql::begin_sql;
+
+/// Each connection's whole warm-up (open, parse, commit): a server that accepts connections
+/// but does not answer must not hold up the start for long.
+const BUDGET: Duration = Duration::from_secs(10);
+/// The parse's own statement timeout, at most: parsing waits for the tables' locks (another
+/// replica's migration).
+const PARSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens `connections` connections at once (no more than the pool holds) and prepares
 /// `statements` on each; returns how many were warmed. One that fails is left for the pool to
@@ -18,48 +23,81 @@ pub async fn warm(
     pool: &Pool,
     connections: usize,
     statements: &[&str],
-    timeout: Duration,
+    statement_timeout: Duration,
 ) -> usize {
     let n = connections.min(pool.status().max_size);
+    let timeout = statement_timeout.min(PARSE_TIMEOUT);
     // Each is held until all are done, so the pool opens `n` distinct connections.
-    let all = join_all((0..n).map(|_| async {
-        let client = pool.get().await.ok()?;
-        match prepare(&client, statements, timeout).await {
-            Ok(()) => Some(client),
-            Err(e) => {
-                tracing::debug!(error = %e, "warming a database connection failed");
-                None
-            }
+    let held = join_all((0..n).map(|_| async move {
+        tokio::time::timeout(BUDGET, warm_one(pool, statements, timeout))
+            .await
+            .ok()
+            .flatten()
+    }))
+    .await;
+    held.iter().flatten().filter(|(_, warmed)| *warmed).count()
+}
+
+/// One connection, and whether its statements were prepared; None when it was discarded.
+async fn warm_one(pool: &Pool, statements: &[&str], timeout: Duration) -> Option<(Object, bool)> {
+    let client = match pool.get().await {
+        Ok(c) => Warming(Some(c)),
+        Err(e) => {
+            tracing::debug!(error = %e, "opening a database connection to warm failed");
+            return None;
         }
-    }));
-    match tokio::time::timeout(timeout + MARGIN, all).await {
-        Ok(held) => held.iter().flatten().count(),
-        Err(_) => 0,
+    };
+    match prepare(client.get(), statements, timeout).await {
+        Ok(warmed) => Some((client.keep(), warmed)),
+        Err(e) => {
+            tracing::debug!(error = %e, "warming a database connection failed");
+            None
+        }
     }
 }
 
-/// Prepares `statements` (each cached for the connection's later checkouts) inside a
-/// transaction, so its timeout applies to this parse alone: parsing waits for the tables'
-/// locks, such as another replica's migration.
+/// Prepares `statements` (each cached for the connection's later checkouts) in a transaction
+/// begun as the hot path begins its own, so its timeouts bound this parse alone. Ok(false): a
+/// parse failed and the transaction was ended; Err: whether it ended is unknown.
 async fn prepare(
     client: &Object,
     statements: &[&str],
     timeout: Duration,
-) -> Result<(), tokio_postgres::Error> {
-    client
-        .batch_execute(&format!(
-            "BEGIN; SET LOCAL statement_timeout = {}",
-            timeout.as_millis().max(1)
-        ))
-        .await?;
-    let mut prepared = Ok(());
+) -> Result<bool, tokio_postgres::Error> {
+    let began = client.batch_execute(&begin_sql(timeout)).await;
+    let mut prepared = began.is_ok();
     for sql in statements {
-        if let Err(e) = client.prepare_cached(sql).await {
-            prepared = Err(e);
+        if !prepared {
             break;
         }
+        if let Err(e) = client.prepare_cached(sql).await {
+            tracing::debug!(error = %e, "preparing a statement while warming failed");
+            prepared = false;
+        }
     }
-    // Of an aborted transaction, COMMIT rolls back: either way the session is idle again.
+    // Always: of an aborted transaction COMMIT rolls back, and a BEGIN that failed left none.
     client.batch_execute("COMMIT").await?;
-    prepared
+    Ok(prepared)
+}
+
+/// A connection being warmed: discarded rather than pooled unless its transaction was seen to
+/// end, so a warm-up cut short (the budget, a lost answer) never lends out an open one.
+struct Warming(Option<Object>);
+
+impl Warming {
+    fn get(&self) -> &Object {
+        self.0.as_ref().expect("held")
+    }
+
+    fn keep(mut self) -> Object {
+        self.0.take().expect("held")
+    }
+}
+
+impl Drop for Warming {
+    fn drop(&mut self) {
+        if let Some(obj) = self.0.take() {
+            drop(Object::take(obj));
+        }
+    }
 }
