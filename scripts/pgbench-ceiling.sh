@@ -22,7 +22,7 @@ schema=pgbench_$(date +%s)_$$
 work=$(mktemp -d)
 cleanup() { [ -z "${KEEP_SCRIPTS:-}" ] || cp "$work"/*.sql "$KEEP_SCRIPTS"/; psql "$DATABASE_URL" -qc "DROP SCHEMA IF EXISTS $schema CASCADE" 2>/dev/null || true; rm -rf "$work"; }
 at_exit cleanup
-# AGENT: a build already made (as bench.sh takes it), so nothing is compiled while it measures.
+# AGENT: a build already made (as bench.sh takes it), so a bench run does not begin with a compile.
 agent=${AGENT:-target/release/persistence-agent}
 [ -n "${AGENT:-}" ] || cargo build --release --locked --bin persistence-agent >&2
 DATABASE_SCHEMA=$schema "$agent" migrate --sample-catalogue >/dev/null
