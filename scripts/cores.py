@@ -25,20 +25,24 @@ import time
 GROUPS = ["postgres", "agent", "pgbench", "broker", "other"]
 
 
+def stat(pid):
+    """A process's [comm, utime + stime, start time], or None once it has exited; the start
+    time tells a reused pid from the process seen before (also scripts/timeline.py's)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return [text[text.index("(") + 1 : text.rindex(")")], int(fields[11]) + int(fields[12]),
+            fields[19]]
+
+
 def snap(path):
     procs = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue  # exited meanwhile
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        # utime + stime; the start time tells a reused pid from the process seen before.
-        procs[pid] = [comm, int(fields[11]) + int(fields[12]), fields[19]]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if (s := stat(pid)) is not None:
+            procs[pid] = s
     with open("/proc/stat") as f:
         cpu = [int(v) for v in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is inside user already)

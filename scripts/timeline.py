@@ -11,8 +11,8 @@ tail it was to explain), and writes one line per sample: wall-clock ms, messages
 the main consumer, requests settled by transactions so far, batches committed so far, and from
 /proc the machine's idle and total CPU time, its runnable threads, and its disks' writes and
 milliseconds spent writing so far (the runnable threads count the sampler itself), and the CPU
-time so far of the broker (tansu or the bench's mock_broker), the agent (AGENT_PIDs) and
-PostgreSQL: every process of those names on the machine, looked for again every second (one
+time so far of the broker, the agent (AGENT_PIDs) and PostgreSQL as scripts/cores.py groups
+them (every process of those names on the machine), looked for again every second (one
 that started and ended between two looks is not counted).
 
 `report` bins by the requests' Kafka timestamps (the same wall clock, on one machine) and
@@ -32,6 +32,8 @@ import re
 import sys
 import time
 import urllib.request
+
+import cores
 
 IN_FLIGHT = re.compile(r'^persistence_agent_in_flight_messages\{consumer="main"\} (\S+)$', re.M)
 # Attempts that settled a request (written, or found in the ledger), and batches committed: a
@@ -71,30 +73,18 @@ def machine():
     return idle, total, running, writes, writing_ms
 
 
-def ticks(pid):
-    """utime + stime of a process and its start time (telling a reused pid), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12]), fields[19]
+# The processes watched, as scripts/cores.py groups them, by column.
+WATCHED = {"broker": 0, "agent": 1, "postgres": 2}
 
 
 def watched(agents):
-    """The pids of the broker, the agent and PostgreSQL, by group (0, 1, 2)."""
-    found = {pid: 1 for pid in agents}
+    """The pids of the broker, the agent and PostgreSQL, by column."""
+    found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                comm = f.read().strip()
-        except OSError:
-            continue
-        if comm == "tansu" or comm.startswith("mock_broker"):
-            found[pid] = 0
-        elif comm == "postgres":
-            found[pid] = 2
+        if (s := cores.stat(pid)) is not None:
+            column = WATCHED.get(cores.group(s[0], pid, agents))
+            if column is not None:
+                found[pid] = column
     return found
 
 
@@ -117,7 +107,7 @@ class Processes:
         if self.looks % 10 == 0:
             self.pids = watched(self.agents)
         self.looks += 1
-        now = {pid: t for pid in self.pids if (t := ticks(pid))}
+        now = {pid: s[1:] for pid in self.pids if (s := cores.stat(pid))}
         for pid, (t, started) in now.items():
             before = self.last.get(pid)
             if before and before[1] == started:

@@ -1,7 +1,8 @@
 //! An Avro value, resolved to the reader schema, turned into a [`PersistenceRequest`] by moving
 //! its strings out. Resolution has already promoted ints to longs and floats to doubles, and
-//! made every optional field a union, so only those shapes are read. Going through serde_json's tree instead (Avro value → JSON value → request)
-//! built and dropped a second tree of maps per message: an Avro decode took 5.6 us with it and
+//! made every optional field a union, so only those shapes are read. Going through
+//! serde_json's tree instead (Avro value → JSON value → request) built and dropped a second
+//! tree of maps per message: an Avro decode took 5.6 us with it and
 //! 4.0 us without (`cargo bench --bench decode`). It reads what the detour read, as the detour
 //! read it (`reads_every_field_as_json_does`); a field added to the model does not compile here
 //! until it is read.

@@ -218,11 +218,16 @@ impl Checkout {
         self.0.as_ref().expect("checked out")
     }
 
+    /// The connection, free to go back to the pool: its transaction is over.
+    fn release(mut self) -> deadpool_postgres::Object {
+        self.0.take().expect("checked out")
+    }
+
     /// Returns the connection to the pool once its transaction is over, or discards it. The
     /// statements end every transaction they begin, failed or not (`sql::transaction`), or
     /// leave a broken connection, which the pool's recycle check discards: no ROLLBACK here.
     fn finish<T>(
-        mut self,
+        self,
         deadline: Duration,
         outcome: Result<Result<T, Failure>, tokio::time::error::Elapsed>,
     ) -> Result<T, Failure> {
@@ -230,7 +235,7 @@ impl Checkout {
         let Ok(outcome) = outcome else {
             return Err(Failure::hung(deadline));
         };
-        drop(self.0.take());
+        drop(self.release());
         outcome
     }
 }

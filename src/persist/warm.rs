@@ -8,6 +8,7 @@ use deadpool_postgres::{Object, Pool};
 use futures_util::future::join_all;
 
 use super::sql::begin_sql;
+use super::Checkout;
 
 /// Each connection's whole warm-up (open, parse, commit): a server that accepts connections
 /// but does not answer must not hold up the start for long.
@@ -40,15 +41,17 @@ pub async fn warm(
 
 /// One connection, and whether its statements were prepared; None when it was discarded.
 async fn warm_one(pool: &Pool, statements: &[&str], timeout: Duration) -> Option<(Object, bool)> {
-    let client = match pool.get().await {
-        Ok(c) => Warming(Some(c)),
+    // Discarded, not pooled, unless its transaction is seen to end: a warm-up cut short (the
+    // budget, a lost answer) never lends out an open one.
+    let client = match Checkout::get(pool).await {
+        Ok(c) => c,
         Err(e) => {
-            tracing::debug!(error = %e, "opening a database connection to warm failed");
+            tracing::debug!(class = e.class, code = %e.code, error = %e.message, "opening a database connection to warm failed");
             return None;
         }
     };
-    match prepare(client.get(), statements, timeout).await {
-        Ok(warmed) => Some((client.keep(), warmed)),
+    match prepare(client.client(), statements, timeout).await {
+        Ok(warmed) => Some((client.release(), warmed)),
         Err(e) => {
             tracing::debug!(error = %e, "warming a database connection failed");
             None
@@ -78,26 +81,4 @@ async fn prepare(
     // Always: of an aborted transaction COMMIT rolls back, and a BEGIN that failed left none.
     client.batch_execute("COMMIT").await?;
     Ok(prepared)
-}
-
-/// A connection being warmed: discarded rather than pooled unless its transaction was seen to
-/// end, so a warm-up cut short (the budget, a lost answer) never lends out an open one.
-struct Warming(Option<Object>);
-
-impl Warming {
-    fn get(&self) -> &Object {
-        self.0.as_ref().expect("held")
-    }
-
-    fn keep(mut self) -> Object {
-        self.0.take().expect("held")
-    }
-}
-
-impl Drop for Warming {
-    fn drop(&mut self) {
-        if let Some(obj) = self.0.take() {
-            drop(Object::take(obj));
-        }
-    }
 }
