@@ -33,7 +33,7 @@
 #                          time beside the agent's in-flight messages and batches, the idle
 #                          cores, runnable threads and ms per disk write: scripts/timeline.py,
 #                          reading /metrics and /proc every 100 ms; off by default, as LANES),
-#                          LATENCY_LINGER_MS=1 (linger.ms of the latency runs' load generator),
+#                          LATENCY_LINGER_MS=5 (linger.ms of the latency runs' load generator),
 #                          MOCK_BROKER=<binary> (else a release build of examples/mock_broker),
 #                          MOCK_FETCH_WAIT_MS=5 (fetch.wait.max.ms of latency-mock's consumers;
 #                          its tier and dead-letter topics are made for the default RETRY_DELAYS,
@@ -261,21 +261,26 @@ latency() {
     timeline=$!
     pids+=("$timeline")
   fi
-  # linger.ms=1: one record per produce request could not keep up at 3,000/s on tansu (and
-  # at half rate the agent does not pause, so the multi-record batch stall above is moot).
-  # LATENCY_LINGER_MS=5 makes fewer, larger record batches: librdkafka's mock cluster finds a
-  # fetch's offset by walking its partition's batches from the oldest, so its CPU grows
-  # through a run with their number (BENCHMARKS.md, seventh session).
-  KAFKA_BROKERS=$brokers $agent produce --kafka-config "linger.ms=${LATENCY_LINGER_MS:-1}" \
+  local ckpt0 ckpt1
+  ckpt0=$(checkpoints) || ckpt0=
+  # The cores while the load runs (the generator's among "other"): how much of the machine
+  # the agent at this rate leaves idle. Both snapshots from one process started before the
+  # load: a Python start for each in the middle of it took 90 ms of a core when about half a
+  # core was idle, and made a slow episode of its own (p99 70-120 ms for 200-300 ms).
+  python3 scripts/cores.py at 1 "$snaps/l0" "$((secs - 2))" "$snaps/l1" &
+  local snapper=$!
+  pids+=("$snapper")
+  # linger.ms=5, librdkafka's default and the produce tool's (the latency counts the wait, from
+  # the record's timestamp on). At 1 ms nearly every record is a record batch of its own, and
+  # librdkafka's mock cluster finds a fetch's offset by walking its partition's batches from
+  # the oldest: its CPU grew through a run with their number, to 0.5-0.7 cores, and the tail
+  # with it (BENCHMARKS.md, ninth session). At half rate the agent does not pause, so tansu's
+  # multi-record batch stall above is moot.
+  KAFKA_BROKERS=$brokers $agent produce --kafka-config "linger.ms=${LATENCY_LINGER_MS:-5}" \
     --topic "$topic" --sample \
     --count "$count" --users "$users" --format json --rate "$half" >/dev/null &
   local gen=$!
   pids+=("$gen")
-  # The cores while the load runs (the generator's among "other"): how much of the machine
-  # the agent at this rate leaves idle.
-  local ckpt0 ckpt1
-  ckpt0=$(checkpoints) || ckpt0=
-  sleep 1; python3 scripts/cores.py snap "$snaps/l0"
   local sampler=
   if [ -n "${LANES:-}" ]; then
     # Bounded: lanes.py waits up to 5 minutes for a statement that a dead agent never runs.
@@ -284,7 +289,7 @@ latency() {
     sampler=$!
     pids+=("$sampler")
   fi
-  sleep "$((secs - 3))"; python3 scripts/cores.py snap "$snaps/l1"
+  wait "$snapper" || { echo "cores.py at failed" >&2; return 1; }
   wait "$gen"
   ckpt1=$(checkpoints) || ckpt1=
   [ -z "$timeline" ] || wait "$timeline" || echo "timeline.py failed" >&2

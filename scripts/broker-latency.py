@@ -2,7 +2,7 @@
 """The broker's own latency, one hop, for comparison with the agent's produce-to-result
 latency, which holds one such hop (request in; a result's timestamp is taken when the agent
 produces it): RATE records/s of 1 kB for SECONDS s into a 6-partition topic, produced as
-the benchmark's load is (linger.ms=1), and consumed with the agent's fetch wait
+the benchmark's load is (linger.ms=5), and consumed with the agent's fetch wait
 (KAFKA_CONFIG_fetch.wait.max.ms, librdkafka's 500 ms when unset); each record's latency is its
 arrival at the consumer minus its Kafka timestamp.
 
@@ -59,7 +59,7 @@ def main():
     reader = threading.Thread(target=consume)
     reader.start()
     # The agent's load generator's linger (bench.sh's LATENCY_LINGER_MS), so the hop compares.
-    linger = int(os.environ.get("LATENCY_LINGER_MS", "1"))
+    linger = int(os.environ.get("LATENCY_LINGER_MS", "5"))
     producer = Producer({"bootstrap.servers": brokers, "linger.ms": linger})
     start = time.time()
     for i in range(n):

@@ -4,6 +4,11 @@ database, the broker and the agent share, what the agent and the broker take is 
 database cannot have, so this is what bounds the agent's ratio to pgbench's ceiling.
 
   cores.py snap FILE            record every process's CPU time and the machine's totals
+  cores.py at S1 FILE1 [S2 FILE2 ...]
+                                the same, S1, S2, ... seconds after this command started, from
+                                one process: a snapshot costs it about 2 ms of CPU, where a
+                                Python start costs about 90 ms, which under a latency run's
+                                load made a slow episode of its own
   cores.py diff A B [PID...]    cores used between snapshots A and B by postgres, the agent
                                 (PIDs), pgbench, the broker (tansu, the bench's mock_broker,
                                 or any java process, as for Apache Kafka) and everything else;
@@ -49,6 +54,14 @@ def snap(path):
     machine = {"idle": cpu[3] + cpu[4], "steal": cpu[7], "all": sum(cpu[:8])}
     with open(path, "w") as f:
         json.dump({"time": time.time(), "procs": procs, "machine": machine}, f)
+
+
+def at(plan):
+    """Snapshots at the given offsets in seconds from now: [(seconds, path), ...]."""
+    start = time.monotonic()
+    for secs, path in plan:
+        time.sleep(max(0.0, start + secs - time.monotonic()))
+        snap(path)
 
 
 def group(comm, pid, agents):
@@ -101,9 +114,11 @@ def cpu(a_path, b_path, agents):
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "snap":
         snap(sys.argv[2])
+    elif len(sys.argv) >= 4 and len(sys.argv) % 2 == 0 and sys.argv[1] == "at":
+        at([(float(s), p) for s, p in zip(sys.argv[2::2], sys.argv[3::2])])
     elif len(sys.argv) >= 4 and sys.argv[1] == "diff":
         diff(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     elif len(sys.argv) >= 5 and sys.argv[1] == "cpu":
         cpu(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     else:
-        sys.exit("usage: cores.py snap FILE | cores.py diff A B [PID...] | cores.py cpu A B PID...")
+        sys.exit("usage: cores.py snap FILE | cores.py at S1 FILE1 [S2 FILE2 ...] | cores.py diff A B [PID...] | cores.py cpu A B PID...")
