@@ -264,12 +264,15 @@ latency() {
   local ckpt0 ckpt1
   ckpt0=$(checkpoints) || ckpt0=
   # The cores while the load runs (the generator's among "other"): how much of the machine
-  # the agent at this rate leaves idle. Both snapshots from one process started before the
-  # load: a Python start for each in the middle of it took 90 ms of a core when about half a
-  # core was idle, and made a slow episode of its own (p99 70-120 ms for 200-300 ms).
-  python3 scripts/cores.py at 1 "$snaps/l0" "$((secs - 2))" "$snaps/l1" &
-  local snapper=$!
+  # the agent at this rate leaves idle. Both snapshots from one process, started and ready
+  # before the load: a Python start for each in the middle of it cost about 90 ms of a core,
+  # and coincided with slow requests (p99 48-110 ms for 100-400 ms; BENCHMARKS.md, ninth
+  # session). Its offsets count from its "ready" line.
+  local snap_fd snapper
+  exec {snap_fd}< <(exec python3 scripts/cores.py at 1 "$snaps/l0" "$((secs - 2))" "$snaps/l1")
+  snapper=$!
   pids+=("$snapper")
+  read -r -t 30 _ <&"$snap_fd" || { echo "cores.py at did not start in 30 s" >&2; return 1; }
   # linger.ms=5, librdkafka's default and the produce tool's (the latency counts the wait, from
   # the record's timestamp on). At 1 ms nearly every record is a record batch of its own, and
   # librdkafka's mock cluster finds a fetch's offset by walking its partition's batches from
@@ -289,7 +292,10 @@ latency() {
     sampler=$!
     pids+=("$sampler")
   fi
-  wait "$snapper" || { echo "cores.py at failed" >&2; return 1; }
+  # A process substitution's status is not wait's to give: the second snapshot's file says.
+  wait "$snapper" 2>/dev/null || true
+  exec {snap_fd}<&-
+  [ -s "$snaps/l1" ] || { echo "cores.py at took no second snapshot" >&2; return 1; }
   wait "$gen"
   ckpt1=$(checkpoints) || ckpt1=
   [ -z "$timeline" ] || wait "$timeline" || echo "timeline.py failed" >&2

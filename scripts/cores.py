@@ -5,10 +5,10 @@ database cannot have, so this is what bounds the agent's ratio to pgbench's ceil
 
   cores.py snap FILE            record every process's CPU time and the machine's totals
   cores.py at S1 FILE1 [S2 FILE2 ...]
-                                the same, S1, S2, ... seconds after this command started, from
-                                one process: a snapshot costs it about 2 ms of CPU, where a
-                                Python start costs about 90 ms, which under a latency run's
-                                load made a slow episode of its own
+                                prints "ready", then takes the same snapshots S1, S2, ...
+                                seconds later, from one process: a snapshot costs it about
+                                2 ms of CPU, where a Python start costs about 90 ms, which
+                                under a latency run's load coincided with slow requests
   cores.py diff A B [PID...]    cores used between snapshots A and B by postgres, the agent
                                 (PIDs), pgbench, the broker (tansu, the bench's mock_broker,
                                 or any java process, as for Apache Kafka) and everything else;
@@ -57,7 +57,8 @@ def snap(path):
 
 
 def at(plan):
-    """Snapshots at the given offsets in seconds from now: [(seconds, path), ...]."""
+    """Snapshots at the given offsets in seconds from the "ready" line: [(seconds, path), ...]."""
+    print("ready", flush=True)
     start = time.monotonic()
     for secs, path in plan:
         time.sleep(max(0.0, start + secs - time.monotonic()))
@@ -121,4 +122,5 @@ if __name__ == "__main__":
     elif len(sys.argv) >= 5 and sys.argv[1] == "cpu":
         cpu(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     else:
-        sys.exit("usage: cores.py snap FILE | cores.py at S1 FILE1 [S2 FILE2 ...] | cores.py diff A B [PID...] | cores.py cpu A B PID...")
+        sys.exit("usage: cores.py snap FILE | cores.py at S1 FILE1 [S2 FILE2 ...]"
+                 " | cores.py diff A B [PID...] | cores.py cpu A B PID...")
