@@ -266,7 +266,7 @@ latency() {
   # The cores while the load runs (the generator's among "other"): how much of the machine
   # the agent at this rate leaves idle. Both snapshots from one process, started and ready
   # before the load: a Python start for each in the middle of it cost about 90 ms of a core,
-  # and coincided with slow requests (p99 48-110 ms for 100-400 ms; BENCHMARKS.md, ninth
+  # and coincided with slow requests (p99 48-110 ms for 200-500 ms; BENCHMARKS.md, ninth
   # session). Its offsets count from its "ready" line.
   local snap_fd snapper
   exec {snap_fd}< <(exec python3 scripts/cores.py at 1 "$snaps/l0" "$((secs - 2))" "$snaps/l1")
