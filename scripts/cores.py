@@ -43,11 +43,13 @@ def stat(pid):
             fields[19]]
 
 
+def processes():
+    """Every living process's stat, by pid (also scripts/timeline.py's)."""
+    return {pid: s for pid in filter(str.isdigit, os.listdir("/proc")) if (s := stat(pid))}
+
+
 def snap(path):
-    procs = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if (s := stat(pid)) is not None:
-            procs[pid] = s
+    procs = processes()
     with open("/proc/stat") as f:
         cpu = [int(v) for v in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is inside user already)

@@ -79,13 +79,9 @@ WATCHED = {"broker": 0, "agent": 1, "postgres": 2}
 
 def watched(agents):
     """The pids of the broker, the agent and PostgreSQL, by column."""
-    found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if (s := cores.stat(pid)) is not None:
-            column = WATCHED.get(cores.group(s[0], pid, agents))
-            if column is not None:
-                found[pid] = column
-    return found
+    columns = {pid: WATCHED.get(cores.group(s[0], pid, agents))
+               for pid, s in cores.processes().items()}
+    return {pid: c for pid, c in columns.items() if c is not None}
 
 
 def uptime_ticks():
