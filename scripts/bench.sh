@@ -36,7 +36,7 @@
 #                          LATENCY_LINGER_MS=5 (linger.ms of the latency runs' load generator),
 #                          THREADS=1 (under each throughput run, the agents' context switches
 #                          per request and cores by thread name: scripts/threads.py, from
-#                          /proc/<pid>/task at the run's two CPU snapshots),
+#                          /proc/<pid>/task, recorded by the run's two CPU snapshots),
 #                          MOCK_BROKER=<binary> (else a release build of examples/mock_broker),
 #                          MOCK_FETCH_WAIT_MS=5 (fetch.wait.max.ms of latency-mock's consumers;
 #                          its tier and dead-letter topics are made for the default RETRY_DELAYS,
@@ -199,8 +199,8 @@ measure() {
   local first before perf_pid=
   before=$(settle_until 1 0.05)
   first=$(date +%s.%N)
-  python3 scripts/cores.py snap "$snaps/a0"
-  [ -z "${THREADS:-}" ] || python3 scripts/threads.py snap "$snaps/t0" "${run_pids[@]}"
+  # With THREADS, the agents' threads too, in the same process at the same moment.
+  python3 scripts/cores.py snap "$snaps/a0" ${THREADS:+"${run_pids[@]}"}
   if [ -n "${PROFILE:-}" ] && [ "${label%% (*}" = "${PROFILE_RUN:-batched}" ]; then
     perf record -q -F 499 ${PERF_CALLGRAPH:--g} -p "${run_pids[0]}" -o "$PROFILE" 2>/dev/null & perf_pid=$!
     profiled=1
@@ -209,8 +209,7 @@ measure() {
   local end hwm=0 p timed=$((n - before))
   [ "$timed" -gt 0 ] || { echo "$label: settled before it could be timed; raise N" >&2; return 1; }
   end=$(date +%s.%N)
-  python3 scripts/cores.py snap "$snaps/a1"
-  [ -z "${THREADS:-}" ] || python3 scripts/threads.py snap "$snaps/t1" "${run_pids[@]}"
+  python3 scripts/cores.py snap "$snaps/a1" ${THREADS:+"${run_pids[@]}"}
   [ -z "$perf_pid" ] || { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
   [ -z "${METRICS_DUMP:-}" ] || curl -sf "http://${addrs[0]}/metrics" > "$METRICS_DUMP.$label" || true
   for p in "${run_pids[@]}"; do h=$(awk '/VmHWM/ {print $2}' "/proc/$p/status"); [ "$h" -gt "$hwm" ] && hwm=$h; done
@@ -232,8 +231,11 @@ measure() {
   local cores
   cores=$(python3 scripts/cores.py diff "$snaps/a0" "$snaps/a1" "${run_pids[@]}")
   printf '%15s %s\n' "" "$cores"
-  [ -z "${THREADS:-}" ] ||
-    printf '%15s %s\n' "" "$(python3 scripts/threads.py diff "$snaps/t0" "$snaps/t1" "$timed")"
+  if [ -n "${THREADS:-}" ]; then
+    local threads
+    threads=$(python3 scripts/threads.py diff "$snaps/a0" "$snaps/a1" "$timed")
+    printf '%15s %s\n' "" "$threads"
+  fi
 }
 
 # Produce-to-result latency on BROKERS for 20 s (on the mock cluster, less above 1,800/s) at

@@ -3,7 +3,9 @@
 database, the broker and the agent share, what the agent and the broker take is what the
 database cannot have, so this is what bounds the agent's ratio to pgbench's ceiling.
 
-  cores.py snap FILE            record every process's CPU time and the machine's totals
+  cores.py snap FILE [PID...]   record every process's CPU time and the machine's totals
+                                (with PIDs, also their threads' times and context switches,
+                                for scripts/threads.py)
   cores.py at S1 FILE1 [S2 FILE2 ...]
                                 prints "ready", then takes the same snapshots S1, S2, ...
                                 seconds later, from one process: a snapshot costs it about
@@ -48,14 +50,20 @@ def processes():
     return {pid: s for pid in filter(str.isdigit, os.listdir("/proc")) if (s := stat(pid))}
 
 
-def snap(path):
+def snap(path, agents=()):
+    """With AGENTS (pids), also their threads for scripts/threads.py, at the same moment."""
     procs = processes()
     with open("/proc/stat") as f:
         cpu = [int(v) for v in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal (guest time is inside user already)
     machine = {"idle": cpu[3] + cpu[4], "steal": cpu[7], "all": sum(cpu[:8])}
     with open(path, "w") as f:
-        json.dump({"time": time.time(), "procs": procs, "machine": machine}, f)
+        snapshot = {"time": time.time(), "procs": procs, "machine": machine}
+        if agents:
+            import threads  # here: threads.py imports this module
+
+            snapshot["threads"] = threads.tasks(agents)
+        json.dump(snapshot, f)
 
 
 def at(plan):
@@ -115,8 +123,8 @@ def cpu(a_path, b_path, agents):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "snap":
-        snap(sys.argv[2])
+    if len(sys.argv) >= 3 and sys.argv[1] == "snap":
+        snap(sys.argv[2], sys.argv[3:])
     elif len(sys.argv) >= 4 and len(sys.argv) % 2 == 0 and sys.argv[1] == "at":
         at([(float(s), p) for s, p in zip(sys.argv[2::2], sys.argv[3::2])])
     elif len(sys.argv) >= 4 and sys.argv[1] == "diff":
@@ -124,5 +132,5 @@ if __name__ == "__main__":
     elif len(sys.argv) >= 5 and sys.argv[1] == "cpu":
         cpu(sys.argv[2], sys.argv[3], set(sys.argv[4:]))
     else:
-        sys.exit("usage: cores.py snap FILE | cores.py at S1 FILE1 [S2 FILE2 ...]"
+        sys.exit("usage: cores.py snap FILE [PID...] | cores.py at S1 FILE1 [S2 FILE2 ...]"
                  " | cores.py diff A B [PID...] | cores.py cpu A B PID...")

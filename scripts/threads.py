@@ -1,42 +1,33 @@
 #!/usr/bin/env python3
 """The agent's threads over a window, for scripts/bench.sh (THREADS=1): context switches per
-request and cores, by thread name. An unbatched request costs the agent about four times what
-a batched one does, and a profile puts a quarter of it in the kernel switching threads
-(BENCHMARKS.md, tenth session): this says which threads sleep and wake, and how often.
+request and cores, by thread name, so a change to how the agent's threads sleep and wake can
+be seen in figures rather than guessed at from a profile.
 
-  threads.py snap FILE PID...      record each thread's name, CPU time and switch counts
-  threads.py diff A B REQUESTS     per request settled between snapshots A and B: voluntary
-                                   (the thread slept: a wait on a lock, a channel, a socket)
-                                   and involuntary switches (preempted, as by PostgreSQL's
-                                   backends), and the cores each kind of thread used
+  threads.py diff A B REQUESTS     per request settled between snapshots A and B, taken with
+                                   `cores.py snap FILE PID...` (same process, same moment as
+                                   the cores): voluntary switches (the thread slept: on a lock,
+                                   a channel, a socket) and involuntary ones (preempted, as by
+                                   PostgreSQL's backends), and the cores each kind of thread used
 
-Threads are grouped by name: tokio's runtime workers and its blocking threads (the consumer's
-poll loop among them) are all "tokio-rt-worker"; librdkafka's are "rdk:...". A thread born
-inside the window counts all its time; one that ended is not seen."""
+Threads are grouped by name, as the kernel keeps it (15 characters: "producer pollin" is
+rust-rdkafka's "producer polling" thread); "xN" counts those alive at snapshot B over every
+agent given. tokio's runtime workers and its blocking threads (the consumer's poll loop among
+them) are all "tokio-rt-worker"; librdkafka's are "rdk:...". A thread born inside the window
+counts all its time; one that ended inside it is not seen (tokio ends an idle blocking thread
+after 10 s)."""
 import json
 import os
 import sys
-import time
 from collections import defaultdict
+
+import cores
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def thread(task_dir):
-    """[name, utime + stime ticks, voluntary, involuntary switches], or None once gone."""
-    try:
-        with open(f"{task_dir}/stat") as f:
-            text = f.read()
-        with open(f"{task_dir}/status") as f:
-            status = dict(line.split(":\t", 1) for line in f if ":\t" in line)
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return [text[text.index("(") + 1 : text.rindex(")")], int(fields[11]) + int(fields[12]),
-            int(status["voluntary_ctxt_switches"]), int(status["nonvoluntary_ctxt_switches"])]
-
-
-def snap(path, pids):
+def tasks(pids):
+    """Every thread of PIDS, keyed by tid and start time (a reused tid is another thread):
+    [name, utime + stime ticks, voluntary, involuntary switches]."""
     threads = {}
     for pid in pids:
         try:
@@ -44,23 +35,29 @@ def snap(path, pids):
         except OSError:
             continue
         for tid in tids:
-            if t := thread(f"/proc/{pid}/task/{tid}"):
-                threads[tid] = t
-    with open(path, "w") as f:
-        json.dump({"time": time.time(), "threads": threads}, f)
+            task = f"{pid}/task/{tid}"
+            s = cores.stat(task)
+            try:
+                with open(f"/proc/{task}/status") as f:
+                    status = dict(line.split(":\t", 1) for line in f if ":\t" in line)
+            except OSError:
+                continue
+            if s:
+                threads[f"{tid}@{s[2]}"] = [s[0], s[1], int(status["voluntary_ctxt_switches"]),
+                                            int(status["nonvoluntary_ctxt_switches"])]
+    return threads
 
 
 def diff(a_path, b_path, requests):
-    with open(a_path) as f:
-        a = json.load(f)
-    with open(b_path) as f:
-        b = json.load(f)
+    a, b = cores.load(a_path), cores.load(b_path)
+    if not b.get("threads"):
+        sys.exit("threads.py: no threads in the second snapshot (cores.py snap FILE PID...)")
     secs = b["time"] - a["time"]
     if requests <= 0 or secs <= 0:
         sys.exit("threads.py: no requests or no time between the snapshots")
     by_name = defaultdict(lambda: [0, 0, 0, 0])  # threads, ticks, voluntary, involuntary
-    for tid, (name, ticks, vol, invol) in b["threads"].items():
-        _, ticks0, vol0, invol0 = a["threads"].get(tid, [name, 0, 0, 0])
+    for key, (name, ticks, vol, invol) in b["threads"].items():
+        _, ticks0, vol0, invol0 = a.get("threads", {}).get(key, [name, 0, 0, 0])
         g = by_name[name]
         g[0] += 1
         g[1] += ticks - ticks0
@@ -80,9 +77,7 @@ def diff(a_path, b_path, requests):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "snap":
-        snap(sys.argv[2], sys.argv[3:])
-    elif len(sys.argv) == 5 and sys.argv[1] == "diff":
+    if len(sys.argv) == 5 and sys.argv[1] == "diff" and sys.argv[4].isdigit():
         diff(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     else:
         sys.exit(__doc__)
