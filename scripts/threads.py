@@ -50,14 +50,14 @@ def tasks(pids):
 
 def diff(a_path, b_path, requests):
     a, b = cores.load(a_path), cores.load(b_path)
-    if not b.get("threads"):
-        sys.exit("threads.py: no threads in the second snapshot (cores.py snap FILE PID...)")
+    if not a.get("threads") or not b.get("threads"):
+        sys.exit("threads.py: no threads in a snapshot (take both with cores.py snap FILE PID...)")
     secs = b["time"] - a["time"]
     if requests <= 0 or secs <= 0:
         sys.exit("threads.py: no requests or no time between the snapshots")
     by_name = defaultdict(lambda: [0, 0, 0, 0])  # threads, ticks, voluntary, involuntary
     for key, (name, ticks, vol, invol) in b["threads"].items():
-        _, ticks0, vol0, invol0 = a.get("threads", {}).get(key, [name, 0, 0, 0])
+        _, ticks0, vol0, invol0 = a["threads"].get(key, [name, 0, 0, 0])
         g = by_name[name]
         g[0] += 1
         g[1] += ticks - ticks0

@@ -1,6 +1,7 @@
 //! Micro-batching: requests of distinct users share one transaction, every guarantee of the
 //! single-request path holds (written once, per-key order, re-publishes found in the ledger,
-//! offsets after durability), and a request that fails its batch fails alone.
+//! offsets after durability), a batch that loses a serialization conflict goes again whole, and
+//! a request that fails its batch fails alone.
 
 mod common;
 
@@ -174,4 +175,97 @@ async fn a_request_that_fails_its_batch_goes_to_its_tier_alone() {
     // Each was tried once in its batch and once alone, as unbatched: no in-process retries
     // for a foreign-key violation.
     assert_eq!(m.attempt_count("foreign_key_violation"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_loses_a_conflict_goes_again_whole_and_fails_no_neighbour() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    let agent = env
+        .start(&[
+            "--workers=64",
+            "--batch-max=32",
+            "--batch-concurrency=1",
+            "--batch-linger=1s",
+            "--retry-delays=1h",
+        ])
+        .await;
+    // The hot reader's row exists before the batch: its upsert then waits for a row lock.
+    let first = request("hot", Some("hot-0"), &[("b1", 0.5)]);
+    env.produce("hot", &json(first)).await;
+    env.wait_committed(1, 1, 60).await;
+
+    // Another session updates the hot reader and holds the lock until the batch waits for it;
+    // its commit then lands after the batch's snapshot: under SERIALIZABLE, a conflict
+    // (40001, "concurrent update") for the batch, whoever else is in it.
+    let (rival, conn) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    rival
+        .batch_execute(&format!(
+            "SET search_path = {}; BEGIN; UPDATE reader_context SET mood = 'rival' WHERE user_id = 'hot'",
+            env.schema
+        ))
+        .await
+        .unwrap();
+    let rival_pid: i32 = rival
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The hot request first: the batch's linger runs from it, and its neighbours join.
+    env.produce("hot", &json(request("hot", Some("hot-1"), &[("b1", 0.5)])))
+        .await;
+    let neighbours = 20;
+    for i in 0..neighbours {
+        let user = format!("u{i}");
+        let req = request(&user, Some(&format!("r{i}")), &[("b1", 0.5)]);
+        env.produce(&user, &json(req)).await;
+    }
+    let blocked = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE {rival_pid} = ANY(pg_blocking_pids(pid))"
+    );
+    env.wait_count(&blocked, 1, 60).await;
+    rival.batch_execute("COMMIT").await.unwrap();
+
+    let total = 2 + neighbours as i64;
+    env.wait_committed(1, total, 60).await;
+    let m = agent.metrics.clone();
+    stop(agent).await;
+
+    let batch = |result: &str| m.batch_transactions.with_label_values(&[result]).get();
+    assert!(
+        batch("serialization_failure") >= 1,
+        "the batch lost a conflict"
+    );
+    // Every batch ended committed: none was split into requests written alone.
+    assert_eq!(batch("committed"), m.batch_requests.get_sample_count());
+    env.assert_written_once(total).await;
+    assert_eq!(
+        m.outcome_count(&env.topic, outcome::PERSISTED),
+        total as u64
+    );
+    assert_eq!(m.outcome_count(&env.topic, outcome::RETRY_SCHEDULED), 0);
+    assert_eq!(m.outcome_count(&env.topic, outcome::DEAD_LETTERED), 0);
+    // The hot request committed in one transaction with its neighbours, after the rival.
+    let shared = env
+        .count(
+            "SELECT count(*) FROM processed_request p, processed_request h
+             WHERE h.request_id = 'hot-1' AND p.request_id <> 'hot-1'
+               AND p.confirmation #>> '{persistenceMetadata,transactionId}'
+                 = h.confirmation #>> '{persistenceMetadata,transactionId}'",
+        )
+        .await;
+    assert!(shared >= 1, "the hot request was written alone");
+    let moods: Vec<String> = env
+        .pg
+        .query_one(
+            "SELECT previous_moods FROM reader_context WHERE user_id = 'hot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(moods.len(), 2, "both hot requests written once: {moods:?}");
 }
