@@ -1,7 +1,8 @@
 //! Micro-batching: requests of distinct users share one transaction, every guarantee of the
 //! single-request path holds (written once, per-key order, re-publishes found in the ledger,
-//! offsets after durability), a batch that loses a serialization conflict goes again whole, and
-//! a request that fails its batch fails alone.
+//! offsets after durability), a batch that loses a serialization conflict goes again whole (and
+//! has its requests written alone once the conflicts outlast its retries), and a request that
+//! fails its batch fails alone.
 
 mod common;
 
@@ -268,4 +269,80 @@ async fn a_batch_that_loses_a_conflict_goes_again_whole_and_fails_no_neighbour()
         .unwrap()
         .get(0);
     assert_eq!(moods.len(), 2, "both hot requests written once: {moods:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_that_outlasts_the_batch_retries_has_its_requests_written_alone() {
+    let env = Env::new(1).await;
+    env.books(&["b1"]).await;
+    // The hot request's ledger insert loses three conflicts (a sequence counts across the
+    // rollbacks): its batch's first attempt and both retries; alone, it then goes through.
+    env.pg
+        .batch_execute(&format!(
+            "CREATE SEQUENCE hot_conflicts;
+             CREATE FUNCTION hot_conflict() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.request_id = 'hot' AND nextval('{0}.hot_conflicts') <= 3 THEN
+                 RAISE EXCEPTION 'staged conflict' USING ERRCODE = 'serialization_failure';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER hot_conflict BEFORE INSERT ON processed_request
+               FOR EACH ROW EXECUTE FUNCTION hot_conflict();",
+            env.schema
+        ))
+        .await
+        .unwrap();
+    env.produce("hot", &json(request("hot", Some("hot"), &[("b1", 0.5)])))
+        .await;
+    let neighbours = 20;
+    for i in 0..neighbours {
+        let user = format!("u{i}");
+        let req = request(&user, Some(&format!("r{i}")), &[("b1", 0.5)]);
+        env.produce(&user, &json(req)).await;
+    }
+    let agent = env
+        .start(&[
+            "--workers=64",
+            "--batch-max=32",
+            "--batch-concurrency=1",
+            "--batch-linger=1s",
+            "--retry-delays=1h",
+        ])
+        .await;
+    let total = 1 + neighbours as i64;
+    env.wait_committed(1, total, 60).await;
+    let m = agent.metrics.clone();
+    stop(agent).await;
+
+    let batch = |result: &str| m.batch_transactions.with_label_values(&[result]).get();
+    // An attempt and two retries (more only should a later batch meet a real conflict with
+    // the requests written alone meanwhile).
+    let conflicts = batch("serialization_failure");
+    assert!(conflicts >= 3, "{conflicts} batch conflicts");
+    // The hot request's batch split; any other batch committed.
+    assert_eq!(batch("committed"), m.batch_requests.get_sample_count() - 1);
+    env.assert_written_once(total).await;
+    assert_eq!(
+        m.outcome_count(&env.topic, outcome::PERSISTED),
+        total as u64
+    );
+    assert_eq!(m.outcome_count(&env.topic, outcome::RETRY_SCHEDULED), 0);
+    assert_eq!(m.outcome_count(&env.topic, outcome::DEAD_LETTERED), 0);
+    // Three staged conflicts, then the write alone (and any real conflict alone: requests
+    // written one by one at once still conflict now and then, and retry in-process).
+    let tries = env.count("SELECT last_value FROM hot_conflicts").await;
+    assert!(
+        tries >= 4,
+        "the hot request's ledger insert ran {tries} times"
+    );
+    let shared = env
+        .count(
+            "SELECT count(*) FROM processed_request p, processed_request h
+             WHERE h.request_id = 'hot' AND p.request_id <> 'hot'
+               AND p.confirmation #>> '{persistenceMetadata,transactionId}'
+                 = h.confirmation #>> '{persistenceMetadata,transactionId}'",
+        )
+        .await;
+    assert_eq!(shared, 0, "the hot request was written alone");
 }
