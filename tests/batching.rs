@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use common::{json, request, stop, Env};
 use persistence_agent::app::agent::Agent;
-use persistence_agent::ops::metrics::outcome;
+use persistence_agent::ops::metrics::{outcome, Metrics};
 
 /// (batches, requests in them, batch attempts that failed other than by a conflict) so far.
 fn batches(agent: &Agent) -> (u64, f64, u64) {
@@ -182,15 +182,7 @@ async fn a_request_that_fails_its_batch_goes_to_its_tier_alone() {
 async fn a_batch_that_loses_a_conflict_goes_again_whole_and_fails_no_neighbour() {
     let env = Env::new(1).await;
     env.books(&["b1"]).await;
-    let agent = env
-        .start(&[
-            "--workers=64",
-            "--batch-max=32",
-            "--batch-concurrency=1",
-            "--batch-linger=1s",
-            "--retry-delays=1h",
-        ])
-        .await;
+    let agent = env.start(ONE_LANE).await;
     // The hot reader's row exists before the batch: its upsert then waits for a row lock.
     let first = request("hot", Some("hot-0"), &[("b1", 0.5)]);
     env.produce("hot", &json(first)).await;
@@ -218,19 +210,14 @@ async fn a_batch_that_loses_a_conflict_goes_again_whole_and_fails_no_neighbour()
     // The hot request first: the batch's linger runs from it, and its neighbours join.
     env.produce("hot", &json(request("hot", Some("hot-1"), &[("b1", 0.5)])))
         .await;
-    let neighbours = 20;
-    for i in 0..neighbours {
-        let user = format!("u{i}");
-        let req = request(&user, Some(&format!("r{i}")), &[("b1", 0.5)]);
-        env.produce(&user, &json(req)).await;
-    }
+    let others = neighbours(&env).await;
     let blocked = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE {rival_pid} = ANY(pg_blocking_pids(pid))"
     );
     env.wait_count(&blocked, 1, 60).await;
     rival.batch_execute("COMMIT").await.unwrap();
 
-    let total = 2 + neighbours as i64;
+    let total = 2 + others as i64;
     env.wait_committed(1, total, 60).await;
     let m = agent.metrics.clone();
     stop(agent).await;
@@ -242,22 +229,9 @@ async fn a_batch_that_loses_a_conflict_goes_again_whole_and_fails_no_neighbour()
     );
     // Every batch ended committed: none was split into requests written alone.
     assert_eq!(batch("committed"), m.batch_requests.get_sample_count());
-    env.assert_written_once(total).await;
-    assert_eq!(
-        m.outcome_count(&env.topic, outcome::PERSISTED),
-        total as u64
-    );
-    assert_eq!(m.outcome_count(&env.topic, outcome::RETRY_SCHEDULED), 0);
-    assert_eq!(m.outcome_count(&env.topic, outcome::DEAD_LETTERED), 0);
+    assert_all_persisted(&env, &m, total).await;
     // The hot request committed in one transaction with its neighbours, after the rival.
-    let shared = env
-        .count(
-            "SELECT count(*) FROM processed_request p, processed_request h
-             WHERE h.request_id = 'hot-1' AND p.request_id <> 'hot-1'
-               AND p.confirmation #>> '{persistenceMetadata,transactionId}'
-                 = h.confirmation #>> '{persistenceMetadata,transactionId}'",
-        )
-        .await;
+    let shared = sharing_transaction(&env, "hot-1").await;
     assert!(shared >= 1, "the hot request was written alone");
     let moods: Vec<String> = env
         .pg
@@ -295,22 +269,9 @@ async fn a_conflict_that_outlasts_the_batch_retries_has_its_requests_written_alo
         .unwrap();
     env.produce("hot", &json(request("hot", Some("hot"), &[("b1", 0.5)])))
         .await;
-    let neighbours = 20;
-    for i in 0..neighbours {
-        let user = format!("u{i}");
-        let req = request(&user, Some(&format!("r{i}")), &[("b1", 0.5)]);
-        env.produce(&user, &json(req)).await;
-    }
-    let agent = env
-        .start(&[
-            "--workers=64",
-            "--batch-max=32",
-            "--batch-concurrency=1",
-            "--batch-linger=1s",
-            "--retry-delays=1h",
-        ])
-        .await;
-    let total = 1 + neighbours as i64;
+    let others = neighbours(&env).await;
+    let agent = env.start(ONE_LANE).await;
+    let total = 1 + others as i64;
     env.wait_committed(1, total, 60).await;
     let m = agent.metrics.clone();
     stop(agent).await;
@@ -322,13 +283,7 @@ async fn a_conflict_that_outlasts_the_batch_retries_has_its_requests_written_alo
     assert!(conflicts >= 3, "{conflicts} batch conflicts");
     // The hot request's batch split; any other batch committed.
     assert_eq!(batch("committed"), m.batch_requests.get_sample_count() - 1);
-    env.assert_written_once(total).await;
-    assert_eq!(
-        m.outcome_count(&env.topic, outcome::PERSISTED),
-        total as u64
-    );
-    assert_eq!(m.outcome_count(&env.topic, outcome::RETRY_SCHEDULED), 0);
-    assert_eq!(m.outcome_count(&env.topic, outcome::DEAD_LETTERED), 0);
+    assert_all_persisted(&env, &m, total).await;
     // Three staged conflicts, then the write alone (and any real conflict alone: requests
     // written one by one at once still conflict now and then, and retry in-process).
     let tries = env.count("SELECT last_value FROM hot_conflicts").await;
@@ -336,13 +291,53 @@ async fn a_conflict_that_outlasts_the_batch_retries_has_its_requests_written_alo
         tries >= 4,
         "the hot request's ledger insert ran {tries} times"
     );
-    let shared = env
-        .count(
+    let shared = sharing_transaction(&env, "hot").await;
+    assert_eq!(shared, 0, "the hot request was written alone");
+}
+
+/// One batch lane that waits a second for company: the requests produced together share it.
+const ONE_LANE: &[&str] = &[
+    "--workers=64",
+    "--batch-max=32",
+    "--batch-concurrency=1",
+    "--batch-linger=1s",
+    "--retry-delays=1h",
+];
+
+/// Produces one request each for 20 other readers; returns how many.
+async fn neighbours(env: &Env) -> usize {
+    let n = 20;
+    for i in 0..n {
+        let user = format!("u{i}");
+        let req = request(&user, Some(&format!("r{i}")), &[("b1", 0.5)]);
+        env.produce(&user, &json(req)).await;
+    }
+    n
+}
+
+/// Each of the `total` requests written once and persisted, none routed.
+async fn assert_all_persisted(env: &Env, m: &Metrics, total: i64) {
+    env.assert_written_once(total).await;
+    assert_eq!(
+        m.outcome_count(&env.topic, outcome::PERSISTED),
+        total as u64
+    );
+    assert_eq!(m.outcome_count(&env.topic, outcome::RETRY_SCHEDULED), 0);
+    assert_eq!(m.outcome_count(&env.topic, outcome::DEAD_LETTERED), 0);
+}
+
+/// How many other requests committed in the transaction that wrote `request_id` (the
+/// confirmation records its transaction id).
+async fn sharing_transaction(env: &Env, request_id: &str) -> i64 {
+    env.pg
+        .query_one(
             "SELECT count(*) FROM processed_request p, processed_request h
-             WHERE h.request_id = 'hot' AND p.request_id <> 'hot'
+             WHERE h.request_id = $1 AND p.request_id <> $1
                AND p.confirmation #>> '{persistenceMetadata,transactionId}'
                  = h.confirmation #>> '{persistenceMetadata,transactionId}'",
+            &[&request_id],
         )
-        .await;
-    assert_eq!(shared, 0, "the hot request was written alone");
+        .await
+        .unwrap()
+        .get(0)
 }
