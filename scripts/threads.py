@@ -15,7 +15,6 @@ agent given. tokio's runtime workers and its blocking threads (the consumer's po
 them) are all "tokio-rt-worker"; librdkafka's are "rdk:...". A thread born inside the window
 counts all its time; one that ended inside it is not seen (tokio ends an idle blocking thread
 after 10 s)."""
-import json
 import os
 import sys
 from collections import defaultdict
