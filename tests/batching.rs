@@ -188,14 +188,8 @@ async fn a_batch_that_loses_a_conflict_goes_again_whole_and_fails_no_neighbour()
     // Another session updates the hot reader and holds the lock until the batch waits for it;
     // its commit then lands after the batch's snapshot: under SERIALIZABLE, a conflict
     // (40001, "concurrent update") for the batch, whoever else is in it.
-    let (rival, conn) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    rival
-        .batch_execute(&format!("SET search_path = {}; BEGIN", env.schema))
-        .await
-        .unwrap();
+    let rival = env.session().await;
+    rival.batch_execute("BEGIN").await.unwrap();
     let updated = rival
         .execute(
             "UPDATE reader_context SET mood = 'rival' WHERE user_id = 'hot'",

@@ -163,15 +163,9 @@ async fn a_parked_request_ignores_forged_retry_headers() {
 async fn a_request_released_before_parking_still_holds_its_key() {
     let env = Env::new(1).await;
     park_key(&env, "alice", 999, "0").await;
-    let (locker, conn) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let locker = env.session().await;
     locker
-        .batch_execute(&format!(
-            "SET search_path = {}; BEGIN; SELECT * FROM parked_key FOR UPDATE",
-            env.schema
-        ))
+        .batch_execute("BEGIN; SELECT * FROM parked_key FOR UPDATE")
         .await
         .unwrap();
     let agent = env.start(&["--retry-delays=1h"]).await;

@@ -199,7 +199,8 @@ fn poison(i: usize, user: &str) -> Msg {
 
 /// Inserts `LATE_BOOK`: requests waiting for it in a retry tier can now be written.
 pub async fn add_late_book(env: &Env) {
-    let c = connect(env).await;
+    // A new connection: the scenario may have restarted the database.
+    let c = env.session().await;
     c.execute(
         "INSERT INTO book (id, title) VALUES ($1, $1) ON CONFLICT DO NOTHING",
         &[&LATE_BOOK],
@@ -228,18 +229,6 @@ pub async fn under_way(env: &Env, wl: &Workload) {
     wl.publish(&env.brokers, &env.topic, 0..wl.msgs.len() / 3)
         .await;
     writing_past(env, 0).await;
-}
-
-/// A new connection to the test's schema (the scenario may have restarted the database).
-async fn connect(env: &Env) -> tokio_postgres::Client {
-    let (c, conn) = tokio_postgres::connect(&env.db_url, tokio_postgres::NoTls)
-        .await
-        .expect("connect for the verdict");
-    tokio::spawn(conn);
-    c.batch_execute(&format!("SET search_path = {}", env.schema))
-        .await
-        .unwrap();
-    c
 }
 
 // ---- Further messages and publishing settings (fault scenarios 3, 5) ----

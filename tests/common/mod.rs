@@ -209,14 +209,8 @@ impl Env {
     /// Holds a row lock on the user's reader_context for `hold`, in its own connection: that
     /// user's transactions wait for it.
     pub async fn lock_reader(&self, user: &str, hold: Duration) -> tokio::task::JoinHandle<()> {
-        let (client, conn) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        client
-            .batch_execute(&format!("SET search_path = {}; BEGIN", self.schema))
-            .await
-            .unwrap();
+        let client = self.session().await;
+        client.batch_execute("BEGIN").await.unwrap();
         client
             .execute(
                 "SELECT 1 FROM reader_context WHERE user_id = $1 FOR UPDATE",
@@ -236,14 +230,21 @@ impl Env {
 
     /// Like `count`, on a new connection (for tests that restart the database).
     pub async fn count_fresh(&self, sql: &str) -> i64 {
+        let c = self.session().await;
+        c.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    /// A new connection to the test's schema, apart from `pg`: for a transaction held open
+    /// beside the agent's, or after the database restarted.
+    pub async fn session(&self) -> tokio_postgres::Client {
         let (c, conn) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls)
             .await
-            .unwrap();
+            .expect("connect to the test's database");
         tokio::spawn(conn);
         c.batch_execute(&format!("SET search_path = {}", self.schema))
             .await
             .unwrap();
-        c.query_one(sql, &[]).await.unwrap().get(0)
+        c
     }
 
     /// Waits until `sql` counts `want`, failing after `secs` seconds with the last count.

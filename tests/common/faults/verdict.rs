@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 
 use super::super::{Env, Record};
-use super::{connect, Expect, Workload};
+use super::{Expect, Workload};
 /// What happened to the stream: the report row, and the checks every scenario must pass.
 #[derive(Debug, Default)]
 pub struct Verdict {
@@ -76,7 +76,7 @@ pub async fn verdict(env: &Env, wl: &Workload) -> Verdict {
 }
 
 async fn verdict_with(env: &Env, wl: &Workload, quiet: Duration) -> Verdict {
-    let c = connect(env).await;
+    let c = env.session().await;
     let coords = wl.coords.lock().unwrap().clone();
     let dead = dead_letters(env, quiet);
     let results = confirmations(env, quiet);
@@ -386,7 +386,7 @@ async fn tiers_waiting(env: &Env) -> Vec<String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
     let mut out = vec![];
-    let c = connect(env).await;
+    let c = env.session().await;
     for table in ["parked_key", "parked_message"] {
         let sql = format!("SELECT count(*) FROM {table}");
         let n: i64 = c.query_one(&sql, &[]).await.unwrap().get(0);
